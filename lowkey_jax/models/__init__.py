@@ -1,0 +1,1 @@
+"""Pretrained networks ported to Flax NNX, one model per file."""

@@ -47,6 +47,7 @@ __all__ = [
     "ensure",
     "ensure_all",
     "load_weights",
+    "artifact",
     "check",
     "fetch_command",
 ]
@@ -324,6 +325,16 @@ def ensure(name: str, *, from_dir: str | Path | None = None, quiet: bool = False
 
 def ensure_all(names: Iterable[str] | None = None, *, from_dir=None, quiet: bool = False) -> dict[str, Path]:
     return {n: ensure(n, from_dir=from_dir, quiet=quiet) for n in (names or manifest().weights)}
+
+
+def artifact(key: str, *, from_dir: str | Path | None = None, quiet: bool = False) -> Path:
+    """Path of the verified source archive ``key`` (a manifest artifact), fetched if needed.
+
+    For tests that compare against the original model files inside the archive."""
+    if key not in manifest().artifacts:
+        raise WeightsError(f"unknown artifact {key!r}; known: {', '.join(manifest().artifacts)}")
+    with _locked(f"artifact-{key}"):
+        return _artifact(manifest().artifacts[key], Path(from_dir) if from_dir else None, quiet)
 
 
 def load_weights(name: str, *, quiet: bool = False) -> dict[str, np.ndarray]:

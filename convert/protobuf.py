@@ -12,7 +12,7 @@ from collections import defaultdict
 
 import numpy as np
 
-__all__ = ["ProtobufError", "message", "read_varint", "packed_varints", "as_str", "first"]
+__all__ = ["ProtobufError", "message", "read_varint", "packed_varints", "packed_floats", "as_str", "first"]
 
 
 class ProtobufError(ValueError):

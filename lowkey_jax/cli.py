@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
+import numpy as np
 import typer
 
 from lowkey_jax._version import __version__
+from lowkey_jax.imageio import (
+    ImageError,
+    LoadedImage,
+    atomic_write_bytes,
+    is_cloaked_output,
+    output_path,
+    read_image,
+    sniff_format,
+    write_image,
+)
+from lowkey_jax.store import WeightsError
 
 app = typer.Typer(
     name="lowkey-jax",
@@ -80,6 +100,620 @@ def weights(
     except store.WeightsError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
+
+
+# ============================================================================================
+# cloak / compare
+
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+RECOGNIZER_NAMES = ("dlib", "facenet", "sface")
+
+# --level presets. "mid" is the LowKey authors' released setting; explicit --steps/--alpha win.
+LEVELS: dict[str, dict[str, float | int]] = {
+    "low": {"steps": 25, "alpha": 0.10},
+    "mid": {"steps": 50, "alpha": 0.05},
+    "high": {"steps": 100, "alpha": 0.025},
+}
+
+# Files taken from folders (explicitly named files are always tried, whatever their name).
+PHOTO_SUFFIXES = frozenset({
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".gif", ".bmp", ".dib", ".tif", ".tiff",
+    ".mpo", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".qoi", ".jp2", ".j2k", ".jpx", ".avif", ".heic", ".heif",
+})
+
+_EXIT_CODES_HELP = (
+    "Exit codes: 0 every photo was cloaked, had no face (reported, not written) or was skipped "
+    "(already cloaked / an output of this tool); 1 at least one input failed (unreadable, not an "
+    "image, too small, cannot write, ...) - the others are still processed; 2 usage error "
+    "(bad option, unknown model, unavailable --device); 130 interrupted (Ctrl-C): finished "
+    "photos are kept, nothing is half-written."
+)
+
+
+class Level(str, Enum):
+    low = "low"
+    mid = "mid"
+    high = "high"
+
+
+class OutFormat(str, Enum):
+    same = "same"
+    png = "png"
+    jpg = "jpg"
+
+
+class Device(str, Enum):
+    cpu = "cpu"
+    gpu = "gpu"
+    tpu = "tpu"
+
+
+class _Usage(Exception):
+    """A usage error: printed as ``error: ...`` and exit code 2."""
+
+
+def _usage(msg: str) -> NoReturn:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(EXIT_USAGE)
+
+
+def _say(msg: str) -> None:
+    """One status line on stderr that does not break a running tqdm bar."""
+    from tqdm import tqdm
+
+    tqdm.write(msg, file=sys.stderr)
+
+
+def _parse_models(models: str) -> tuple[str, ...]:
+    names = tuple(m.strip().lower() for m in models.split(",") if m.strip())
+    unknown = [m for m in names if m not in RECOGNIZER_NAMES]
+    if unknown or not names:
+        _usage(f"--models: unknown recogniser(s) {', '.join(unknown) or '(none given)'}; choose from {','.join(RECOGNIZER_NAMES)}")
+    return tuple(dict.fromkeys(names))
+
+
+def select_device(device: str | None) -> None:
+    """Make JAX use ``device`` ("cpu", "gpu" or "tpu"); ``None`` keeps JAX's best available.
+
+    Must run before JAX initialises a backend (the first array): it sets ``JAX_PLATFORMS``
+    and ``jax.config.jax_platforms``. Raises :class:`_Usage` when the backend is already
+    running on another platform or the requested one is not available.
+    """
+    if device is None:
+        return
+    import jax
+
+    try:
+        from jax._src import xla_bridge
+
+        started = xla_bridge.backends_are_initialized()
+    except (ImportError, AttributeError):  # private API moved: assume not started
+        started = False
+    if started:
+        current = jax.default_backend()
+        if current == device or (device == "gpu" and current in ("cuda", "rocm")):
+            return
+        raise _Usage(f"--device {device}: JAX already runs on {current} in this process")
+    os.environ["JAX_PLATFORMS"] = device
+    jax.config.update("jax_platforms", device)
+    try:
+        jax.devices()
+    except RuntimeError as e:
+        hint = {"gpu": "install jax[cuda12] on a machine with an NVIDIA GPU", "tpu": "run on a TPU VM with jax[tpu]"}
+        raise _Usage(f"--device {device} is not available ({str(e).splitlines()[0]}); {hint.get(device, '')}".rstrip("; ")) from None
+
+
+def _device_line() -> str:
+    import jax
+
+    devs = jax.devices()
+    return f"{jax.default_backend()} ({len(devs)} x {devs[0].device_kind})"
+
+
+def _versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    out: dict[str, str | None] = {"lowkey-jax": __version__, "python": sys.version.split()[0]}
+    for dist in ("jax", "jaxlib", "flax", "numpy", "pillow"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def _finite(x):
+    """JSON-safe floats: inf/nan become None."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (np.floating, float)):
+        return _finite(float(obj))
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    return obj
+
+
+@dataclasses.dataclass
+class Job:
+    """One input photo and what became of it (a row of the --report)."""
+
+    input: Path
+    output: Path | None = None
+    status: str = "pending"  # cloaked | no_face | skipped | failed
+    reason: str | None = None
+    size: tuple[int, int] | None = None  # (width, height)
+    format: str | None = None
+    faces: list = dataclasses.field(default_factory=list)
+    similarity: dict = dataclasses.field(default_factory=dict)
+    detected_after: list = dataclasses.field(default_factory=list)
+    lpips: float | None = None
+    psnr: float | None = None
+    seconds: float | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
+    out_dir: Path | None = dataclasses.field(default=None, repr=False)
+
+    def record(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("out_dir")
+        return _jsonable(d)
+
+
+def collect_inputs(paths: Sequence[Path], output_dir: Path | None, recursive: bool) -> tuple[list[Job], int]:
+    """Expand files and folders into jobs (inputs in order, duplicates removed).
+
+    Folders contribute their files with a photo suffix (``PHOTO_SUFFIXES``), sorted, hidden
+    files and folders excluded; sub-folders only with ``recursive`` (their structure is
+    mirrored under ``output_dir``). Outputs of this tool (``*_cloaked.*``) found in folders
+    are left out and counted; named explicitly they become skipped jobs. A path that does not
+    exist becomes a failed job.
+
+    Returns:
+      ``(jobs, number of *_cloaked files left out of folders)``.
+    """
+    jobs: list[Job] = []
+    ignored = 0
+    seen: set[Path] = set()
+
+    def add(p: Path, out_dir: Path | None) -> None:
+        key = p.resolve()
+        if key in seen:
+            return
+        seen.add(key)
+        jobs.append(Job(input=p, out_dir=out_dir))
+
+    for root in paths:
+        if root.is_dir():
+            if recursive:
+                walk = sorted(
+                    (Path(d), sorted(f)) for d, dirs, f in os.walk(root) if not any(part.startswith(".") for part in Path(d).relative_to(root).parts)
+                )
+            else:
+                walk = [(root, sorted(f.name for f in root.iterdir() if f.is_file()))]
+            for folder, names in walk:
+                rel = folder.relative_to(root)
+                out_dir = (output_dir / rel) if output_dir is not None else None
+                for name in names:
+                    f = folder / name
+                    if name.startswith(".") or f.suffix.lower() not in PHOTO_SUFFIXES or not f.is_file():
+                        continue
+                    if is_cloaked_output(f):
+                        ignored += 1
+                        continue
+                    add(f, out_dir)
+        elif root.exists() or root.is_symlink():
+            add(root, output_dir)
+        else:
+            jobs.append(Job(input=root, status="failed", reason="no such file or folder"))
+    return jobs, ignored
+
+
+def _plan(job: Job, fmt: str, overwrite: bool, planned: dict[Path, Path]) -> None:
+    """Decide the output path; mark the job skipped/failed when it must not be cloaked."""
+    if job.status != "pending":
+        return
+    if is_cloaked_output(job.input):
+        job.status, job.reason = "skipped", "already a cloaked output (name ends in _cloaked)"
+        return
+    source_format = sniff_format(job.input)
+    try:
+        out = output_path(job.input, job.out_dir, format=fmt, source_format=source_format or "")
+    except ValueError as e:
+        job.status, job.reason = "failed", str(e)
+        return
+    job.output = out
+    key = out.resolve()
+    if key in planned:
+        job.status, job.reason = "failed", f"output name {out} collides with the output of {planned[key]}"
+        return
+    planned[key] = job.input
+    if not overwrite and (out.exists() or out.is_symlink()):
+        job.status, job.reason = "skipped", f"output {out} already exists (use --overwrite to redo it)"
+
+
+def _run_attack(images: list[np.ndarray], config, progress):
+    """The attack (``lowkey_jax.attack.cloak``), imported lazily. Tests may replace this."""
+    from lowkey_jax.attack import cloak as _cloak
+
+    return _cloak(images, config, progress=progress)
+
+
+def _make_config(**kw):
+    from lowkey_jax.attack import Config
+
+    return Config(**kw)
+
+
+def _store_result(job: Job, loaded: LoadedImage, result, fmt: str, quality: int, keep_metadata: bool, overwrite: bool) -> None:
+    job.faces = [f.to_dict() for f in getattr(result, "faces", [])]
+    if getattr(result, "no_face", False):
+        job.status, job.reason = "no_face", "no face found; nothing written"
+        job.output = None
+        job.seconds = float(getattr(result, "seconds", 0.0))
+        return
+    image = np.asarray(result.image)
+    if image.shape != loaded.rgb.shape or image.dtype != np.uint8:
+        job.status, job.reason = "failed", f"internal error: cloaked image is {image.dtype}{list(image.shape)}, input {list(loaded.rgb.shape)}"
+        return
+    job.similarity = {k: [float(v) for v in vs] for k, vs in getattr(result, "similarity", {}).items()}
+    job.detected_after = [bool(v) for v in getattr(result, "detected_after", [])]
+    job.lpips = float(result.lpips)
+    job.psnr = float(result.psnr)
+    job.seconds = float(result.seconds)
+    job.output.parent.mkdir(parents=True, exist_ok=True)  # mirrored sub-folder of --output
+    written = write_image(
+        job.output,
+        image,
+        alpha=loaded.alpha,
+        format=fmt,
+        source_format=loaded.format,
+        quality=quality,
+        icc_profile=loaded.icc_profile,
+        exif=loaded.exif,
+        keep_metadata=keep_metadata,
+        overwrite=overwrite,
+    )
+    job.notes.extend(written.notes)
+    job.status = "cloaked"
+
+
+def _line(job: Job) -> str:
+    if job.status == "cloaked":
+        sims = ", ".join(f"{k} {max(v):.2f}" for k, v in job.similarity.items() if v)
+        n = len(job.faces)
+        extra = f"; similarity to the original {sims}" if sims else ""
+        return f"cloaked  {job.input} -> {job.output} ({n} face{'s' if n != 1 else ''}{extra})"
+    label = {"no_face": "no face", "skipped": "skipped", "failed": "FAILED"}[job.status]
+    text = job.reason or ""
+    prefix = f"{job.input}: "
+    return f"{label:8} {text if text.startswith(str(job.input)) else prefix + text}"
+
+
+def _write_report(path: Path, jobs: list[Job], settings: dict, config, device: str | None, elapsed: float, interrupted: bool, ignored: int = 0) -> None:
+    counts = {s: sum(j.status == s for j in jobs) for s in ("cloaked", "no_face", "skipped", "failed")}
+    report = {
+        "tool": "lowkey-jax",
+        "versions": _versions(),
+        "device": device,
+        "settings": settings,
+        "config": (dataclasses.asdict(config) if dataclasses.is_dataclass(config) else vars(config)) if config is not None else None,
+        "summary": {**counts, "total": len(jobs), "seconds": round(elapsed, 3), "interrupted": interrupted, "outputs_left_alone": ignored},
+        "photos": [j.record() for j in jobs],
+    }
+    data = json.dumps(_jsonable(report), indent=2, allow_nan=False).encode() + b"\n"
+    atomic_write_bytes(path, data, overwrite=True)
+
+
+@app.command("cloak", epilog=_EXIT_CODES_HELP)
+def cloak_command(
+    paths: Annotated[list[Path], typer.Argument(help="Photos and/or folders of photos.", show_default=False)],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write outputs into this folder (created if missing) instead of beside each input.")] = None,
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Also take photos from sub-folders (mirrored under --output).")] = False,
+    level: Annotated[Level, typer.Option("--level", case_sensitive=False, help="Preset: low = 25 steps, alpha 0.10 (fastest, subtlest, weakest); mid = 50 steps, alpha 0.05 (the LowKey authors' setting); high = 100 steps, alpha 0.025 (strongest, slowest, most visible). --steps/--alpha override it.")] = Level.mid,
+    steps: Annotated[int | None, typer.Option("--steps", min=0, help="Attack steps (default: from --level).")] = None,
+    alpha: Annotated[float | None, typer.Option("--alpha", min=0.0, help="Weight of the LPIPS visibility penalty; higher = subtler (default: from --level).")] = None,
+    models: Annotated[str, typer.Option("--models", help="Recognisers to fool, comma-separated: dlib,facenet,sface.")] = ",".join(RECOGNIZER_NAMES),
+    max_side: Annotated[int, typer.Option("--max-side", min=64, help="Attack at most at this resolution (longest side); the cloak is upscaled to the full photo.")] = 1024,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Photos per compiled batch (more = faster on a GPU, more memory).")] = 4,
+    format: Annotated[OutFormat, typer.Option("--format", case_sensitive=False, help="Output format: same (JPEG stays JPEG, WebP stays WebP, others become PNG), png or jpg.")] = OutFormat.same,
+    quality: Annotated[int, typer.Option("--quality", min=1, max=100, help="JPEG/WebP quality.")] = 95,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed (same seed + same photo = same cloak).")] = 0,
+    report: Annotated[Path | None, typer.Option("--report", help="Write a JSON report (per photo: output, faces, similarity, LPIPS, PSNR, time, status; config and versions).")] = None,
+    keep_metadata: Annotated[bool, typer.Option("--keep-metadata", help="Keep EXIF (including GPS!) in the outputs. Default: strip EXIF, GPS and XMP; only the colour profile is kept.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs (default: skip photos whose output exists).")] = False,
+    device: Annotated[Device | None, typer.Option("--device", case_sensitive=False, help="JAX platform (default: the best available).")] = None,
+) -> None:
+    """Cloak photos so face recognition no longer matches them to you.
+
+    Writes <name>_cloaked.<ext> beside each photo (or into --output), exactly the size of the original. Inputs are never modified and existing outputs are never replaced without --overwrite; files named *_cloaked.* are never cloaked again, so re-running on a folder only does the new photos. Photos in which no face is found are reported and not written. EXIF, GPS and XMP metadata are removed unless --keep-metadata. A bad file gets one line naming it and the reason; the batch goes on.
+
+    Examples:
+      lowkey-jax cloak selfie.jpg            # -> selfie_cloaked.jpg
+      lowkey-jax cloak ~/Pictures/party -r -o ~/cloaked --report report.json
+      lowkey-jax cloak photo.png --level high --format jpg --quality 92
+    """
+    t0 = time.perf_counter()
+    # ---- validate (exit 2 on any usage error, before touching any photo)
+    level_name = Level(level).value
+    fmt = OutFormat(format).value
+    device_name = Device(device).value if device is not None else None
+    model_names = _parse_models(models)
+    try:
+        select_device(device_name)  # before JAX starts; a no-op without --device
+    except _Usage as e:
+        _usage(str(e))
+    if output is not None and output.exists() and not output.is_dir():
+        _usage(f"--output {output} exists and is not a folder")
+    if report is not None:
+        if report.is_dir():
+            _usage(f"--report {report} is a folder; give a file name such as report.json")
+        if not report.parent.is_dir():
+            _usage(f"--report: folder {report.parent} does not exist")
+    settings = {
+        "level": level_name,
+        "steps": int(steps if steps is not None else LEVELS[level_name]["steps"]),
+        "alpha": float(alpha if alpha is not None else LEVELS[level_name]["alpha"]),
+        "models": list(model_names),
+        "max_side": max_side,
+        "batch_size": batch_size,
+        "seed": seed,
+        "format": fmt,
+        "quality": quality,
+        "keep_metadata": keep_metadata,
+        "overwrite": overwrite,
+        "device": device_name,
+        "output": str(output) if output is not None else None,
+        "recursive": recursive,
+    }
+
+    # ---- plan
+    jobs, ignored = collect_inputs(paths, output, recursive)
+    planned: dict[Path, Path] = {}
+    for job in jobs:
+        _plan(job, fmt, overwrite, planned)
+        if job.status in ("skipped", "failed"):
+            _say(_line(job))
+    todo = [j for j in jobs if j.status == "pending"]
+    if output is not None and todo:
+        try:
+            output.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            _usage(f"--output {output}: cannot create the folder ({e.strerror or e})")
+
+    config = None
+    device_line = None
+    interrupted = False
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(todo), desc="photos", unit="photo", disable=None if todo else True, file=sys.stderr)
+    try:
+        pending: list[tuple[Job, LoadedImage]] = []
+        for i, job in enumerate(todo):
+            try:
+                loaded = read_image(job.input)
+                job.size, job.format = loaded.size, loaded.format
+                job.notes.extend(loaded.notes)
+                pending.append((job, loaded))
+            except ImageError as e:
+                job.status, job.reason = "failed", str(e)
+                _say(_line(job))
+                bar.update(1)
+            if pending and (len(pending) >= batch_size or i == len(todo) - 1):
+                if config is None:
+                    try:
+                        config = _make_config(
+                            steps=settings["steps"], alpha=settings["alpha"], models=model_names,
+                            max_side=max_side, seed=seed, batch_size=batch_size,
+                        )
+                    except ValueError as e:
+                        _usage(str(e))
+                    device_line = _device_line()
+                    _say(f"lowkey-jax {__version__} on {device_line}: {settings['steps']} steps, "
+                         f"alpha {settings['alpha']:g}, models {','.join(model_names)}")
+                _process(pending, config, fmt, quality, keep_metadata, overwrite, bar)
+                pending = []
+    except KeyboardInterrupt:
+        interrupted = True
+        for j in jobs:
+            if j.status == "pending":
+                j.status, j.reason = "failed", "interrupted before it was processed"
+    except WeightsError as e:  # no models, no cloaking: stop instead of failing every photo
+        typer.echo(f"error: {e}", err=True)
+        for j in jobs:
+            if j.status == "pending":
+                j.status, j.reason = "failed", "not processed: the model weights are unavailable (see above)"
+    finally:
+        bar.close()
+
+    # ---- summary
+    elapsed = time.perf_counter() - t0
+    n = {s: sum(j.status == s for j in jobs) for s in ("cloaked", "no_face", "skipped", "failed")}
+    done = n["cloaked"] + n["no_face"]
+    rate = f", {done / elapsed:.2f} photos/s" if done and elapsed > 0 else ""
+    if not jobs:
+        typer.echo("No photos found (folders are searched for .jpg .png .webp .tif ... files; -r for sub-folders).")
+    note = f" ({ignored} *_cloaked output{'s' if ignored != 1 else ''} in the folders left alone)" if ignored else ""
+    typer.echo(
+        f"Done: {n['cloaked']} cloaked, {n['no_face']} no face, {n['skipped']} skipped, {n['failed']} failed "
+        f"of {len(jobs)} in {elapsed:.1f} s{rate}.{note}"
+    )
+    if report is not None:
+        try:
+            _write_report(report, jobs, settings, config, device_line, elapsed, interrupted, ignored)
+            typer.echo(f"Report: {report}")
+        except OSError as e:
+            typer.echo(f"error: cannot write the report {report}: {e}", err=True)
+            raise typer.Exit(EXIT_FAILED) from None
+    if interrupted:
+        raise typer.Exit(130)
+    if n["failed"]:
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _process(pending: list[tuple[Job, LoadedImage]], config, fmt, quality, keep_metadata, overwrite, bar) -> None:
+    """Cloak a chunk of loaded photos and write them; one failure never stops the rest.
+
+    The chunk is attacked as one batch; if that raises, each photo is retried alone so that
+    only the photo that breaks it fails. KeyboardInterrupt and WeightsError stop the run.
+    """
+    from tqdm import tqdm
+
+    steps_bar = tqdm(total=config.steps, desc="  steps", unit="step", leave=False, disable=None, file=sys.stderr)
+
+    def progress(step: int, total: int) -> None:
+        if step < steps_bar.n:  # a new restart
+            steps_bar.reset(total=total)
+        steps_bar.update(step - steps_bar.n)
+
+    def attack(items):
+        steps_bar.reset(total=config.steps)
+        results = list(_run_attack([loaded.rgb for _, loaded in items], config, progress))
+        if len(results) != len(items):
+            raise RuntimeError(f"the attack returned {len(results)} results for {len(items)} photos")
+        return results
+
+    groups = []
+    try:
+        try:
+            groups.append((pending, attack(pending)))
+        except (KeyboardInterrupt, WeightsError):
+            raise
+        except Exception as e:  # noqa: BLE001 - reported per photo; the batch goes on
+            if len(pending) == 1:
+                _fail(pending[0][0], e)
+                bar.update(1)
+            else:
+                for item in pending:  # isolate the photo that breaks the batch
+                    try:
+                        groups.append(([item], attack([item])))
+                    except (KeyboardInterrupt, WeightsError):
+                        raise
+                    except Exception as e1:  # noqa: BLE001 - reported per photo
+                        _fail(item[0], e1)
+                        bar.update(1)
+    finally:
+        steps_bar.close()
+    for items, results in groups:
+        for (job, loaded), result in zip(items, results, strict=True):
+            try:
+                _store_result(job, loaded, result, fmt, quality, keep_metadata, overwrite)
+            except FileExistsError as e:
+                job.status, job.reason = "skipped", str(e)
+            except OSError as e:
+                job.status, job.reason = "failed", f"cannot write {job.output}: {e.strerror or e}"
+            except ValueError as e:
+                job.status, job.reason = "failed", f"cannot write {job.output}: {e}"
+            _say(_line(job))
+            bar.update(1)
+
+
+def _fail(job: Job, e: BaseException) -> None:
+    first = (str(e).strip().splitlines() or [""])[0]
+    job.status, job.reason = "failed", f"cloaking failed ({type(e).__name__}: {first})"
+    _say(_line(job))
+
+
+def side_by_side(original: np.ndarray, cloaked: np.ndarray, amplify: float = 10.0, gap: int = 8) -> np.ndarray:
+    """``original | cloaked | difference`` as one uint8 ``[H, 3W + 2 gap, 3]`` image.
+
+    The difference panel is ``127.5 + amplify * (cloaked - original)`` clipped to 0..255:
+    mid-grey where nothing changed.
+    """
+    if original.shape != cloaked.shape:
+        raise ValueError(f"images differ in size: {original.shape} vs {cloaked.shape}")
+    h, w = original.shape[:2]
+    diff = (cloaked.astype(np.float32) - original.astype(np.float32)) * np.float32(amplify) + np.float32(127.5)
+    diff = np.clip(np.rint(diff), 0, 255).astype(np.uint8)
+    canvas = np.full((h, 3 * w + 2 * gap, 3), 255, np.uint8)
+    canvas[:, :w] = original
+    canvas[:, w + gap : 2 * w + gap] = cloaked
+    canvas[:, 2 * (w + gap) :] = diff
+    return canvas
+
+
+@app.command("compare")
+def compare_command(
+    original: Annotated[Path, typer.Argument(help="The original photo.", show_default=False)],
+    cloaked: Annotated[Path, typer.Argument(help="Its cloaked version.", show_default=False)],
+    out: Annotated[Path | None, typer.Option("--out", help="Also write a side-by-side PNG: original | cloaked | amplified difference.")] = None,
+    amplify: Annotated[float, typer.Option("--amplify", min=1.0, help="Gain of the difference panel of --out.")] = 10.0,
+    models: Annotated[str, typer.Option("--models", help="Recognisers to test, comma-separated.")] = ",".join(RECOGNIZER_NAMES),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the measurements as JSON instead of a table.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
+    device: Annotated[Device | None, typer.Option("--device", case_sensitive=False, help="JAX platform (default: the best available).")] = None,
+) -> None:
+    """How well does a cloak work? Similarity per recogniser, LPIPS, PSNR and SSIM.
+
+    For every face found in the original, each recogniser runs its own detect + align + embed pipeline on both photos; the similarity is printed with whether the recogniser would still call them the same person at its threshold ("no" = protected). LPIPS (lower = less visible), PSNR (dB, higher = closer) and SSIM (1 = identical) measure how visible the cloak is.
+
+    Examples:
+      lowkey-jax compare selfie.jpg selfie_cloaked.jpg
+      lowkey-jax compare selfie.jpg selfie_cloaked.jpg --out side_by_side.png
+
+    Exit codes: 0 measured; 1 a photo is unreadable, the two differ in size, or the models or thresholds are unavailable; 2 usage error.
+    """
+    model_names = _parse_models(models)
+    if out is not None and not overwrite and out.exists():
+        _usage(f"--out {out} already exists (use --overwrite to replace it)")
+    try:
+        a, b = read_image(original), read_image(cloaked)
+    except ImageError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(EXIT_FAILED) from None
+    if a.rgb.shape != b.rgb.shape:
+        typer.echo(f"error: {original} is {a.size[0]}x{a.size[1]} but {cloaked} is {b.size[0]}x{b.size[1]}; compare needs the same size", err=True)
+        raise typer.Exit(EXIT_FAILED)
+    if out is not None:
+        try:
+            write_image(out, side_by_side(a.rgb, b.rgb, amplify), format="png", overwrite=overwrite)
+        except (OSError, ValueError) as e:
+            typer.echo(f"error: cannot write {out}: {e}", err=True)
+            raise typer.Exit(EXIT_FAILED) from None
+    try:
+        select_device(Device(device).value if device is not None else None)
+    except _Usage as e:
+        _usage(str(e))
+    from lowkey_jax.pipeline import compare
+
+    try:
+        res = compare(a.rgb, b.rgb, models=model_names)
+    except (WeightsError, OSError) as e:  # weights or thresholds unavailable
+        typer.echo(f"error: cannot measure: {e}", err=True)
+        raise typer.Exit(EXIT_FAILED) from None
+    if as_json:
+        typer.echo(json.dumps(_jsonable({"original": original, "cloaked": cloaked, **res, "side_by_side": out}), indent=2))
+        return
+    typer.echo(f"original {original} ({a.size[0]}x{a.size[1]}), cloaked {cloaked}")
+    n = int(res.get("faces", 0))
+    typer.echo(f"faces found in the original: {n}" + ("" if n else " (nothing for a recogniser to match)"))
+    if n:
+        det = res.get("detected_after") or []
+        if det:
+            typer.echo("still detected after cloaking: " + ", ".join("yes" if d else "no" for d in det))
+        typer.echo(f"{'recogniser':<11} {'threshold':>9}  per face: similarity (match?)")
+        for name, r in res["recognizers"].items():
+            cells = ", ".join(f"{s:.3f} ({'MATCH' if m else 'no'})" for s, m in zip(r["similarity"], r["matched"]))
+            typer.echo(f"{name:<11} {r['threshold']:>9.3f}  {cells}")
+        still = [name for name, r in res["recognizers"].items() if any(r["matched"])]
+        typer.echo("protected against every recogniser" if not still else f"still matched by: {', '.join(still)}")
+    p = res["psnr"]
+    typer.echo(f"LPIPS {res['lpips']:.4f}   PSNR {'inf' if not math.isfinite(p) else f'{p:.2f}'} dB   SSIM {res['ssim']:.4f}")
+    if out is not None:
+        typer.echo(f"side by side: {out}")
 
 
 def main() -> None:

@@ -1,0 +1,434 @@
+"""The LowKey attack on whole photos: the one place with jit, vmap, fori_loop, sharding, optax.
+
+``cloak(images, config)`` detects every face, prepares the geometry at a working
+resolution, groups photos into a few bucket shapes, runs the whole signed-gradient-ascent
+loop as one compiled function vmapped over a batch of photos (and sharded over all local
+devices), then applies the perturbation at full resolution and measures the result.
+
+Multi-device: the batch axis is sharded over ``jax.devices()`` with a 1-D
+``Mesh(("batch",))`` and ``NamedSharding``; parameters are replicated. On several hosts
+(a TPU pod slice, several GPU machines) call ``jax.distributed.initialize()`` in every
+process before the first ``cloak`` call and give each process its own photos: the global
+batch is assembled with ``jax.make_array_from_process_local_data``, and each process gets
+back its own rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from lowkey_jax import align as _align
+from lowkey_jax.detect import detect_faces
+from lowkey_jax.face import Face
+from lowkey_jax.objective import Geometry, Model, clean_features, objective
+from lowkey_jax.perceptual import load_lpips
+from lowkey_jax.pipeline import psnr, similarities
+from lowkey_jax.recognizers import RECOGNIZERS, load_recognizer
+
+__all__ = ["Config", "Result", "Attack", "cloak", "prepare", "bucket_shape"]
+
+# Working images are padded up to one of these side lengths (then multiples of 512), so a
+# folder of mixed photos compiles a handful of times rather than once per photo.
+BUCKET_SIDES = (256, 384, 512, 768, 1024)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Attack settings. Defaults are those of the released LowKey code.
+
+    Attributes:
+      steps: signed-gradient-ascent steps.
+      step_size: per-step change of each pixel, on [0, 1] images.
+      init_range: uniform random start in [-init_range, +init_range].
+      alpha: weight of the LPIPS-AlexNet penalty.
+      blur: attack the Gaussian-smoothed photo as well as the plain one.
+      blur_sigma, blur_kernel: that Gaussian (sigma 3, 7x7 in the reference).
+      models: the recogniser ensemble, any of "dlib", "facenet", "sface".
+      restarts: independent random starts; the one with the largest feature distance wins.
+      seed: base random seed (each photo's start also depends on its pixels, so results do
+        not depend on batch composition).
+      max_side: photos larger than this (longest side, pixels) are attacked at this working
+        resolution and the perturbation is upsampled to full resolution.
+      batch_size: photos per compiled call.
+    """
+
+    steps: int = 50
+    step_size: float = 0.0025
+    init_range: float = 0.005
+    alpha: float = 0.05
+    blur: bool = True
+    blur_sigma: float = 3.0
+    blur_kernel: int = 7
+    models: tuple[str, ...] = ("dlib", "facenet", "sface")
+    restarts: int = 1
+    seed: int = 0
+    max_side: int = 1024
+    batch_size: int = 4
+
+    def __post_init__(self):
+        object.__setattr__(self, "models", tuple(self.models))
+        unknown = [m for m in self.models if m not in RECOGNIZERS]
+        if unknown or not self.models:
+            raise ValueError(f"models must be a non-empty subset of {sorted(RECOGNIZERS)}, got {self.models}")
+        if self.steps < 0 or self.restarts < 1 or self.batch_size < 1:
+            raise ValueError("steps must be >= 0, restarts and batch_size >= 1")
+        if self.step_size <= 0 or self.init_range < 0 or self.alpha < 0:
+            raise ValueError("step_size must be > 0, init_range and alpha >= 0")
+        if self.max_side < 64:
+            raise ValueError("max_side must be at least 64")
+        if self.blur_kernel < 1 or self.blur_kernel % 2 == 0:
+            raise ValueError("blur_kernel must be a positive odd integer")
+
+
+@dataclasses.dataclass
+class Result:
+    """The outcome for one photo.
+
+    Attributes:
+      image: the cloaked photo, uint8 ``[H, W, 3]``, exactly the input's size (the input
+        itself when no face was found).
+      faces: the faces found in the clean photo.
+      no_face: True when no face was found (the photo is returned unchanged).
+      similarity: ``{recogniser: [cosine per face]}`` between the clean and the cloaked
+        embeddings, each through that model's own detect + align + embed pipeline.
+      detected_after: per face, whether the detector still finds it in the cloaked photo.
+      lpips: LPIPS-AlexNet between clean and cloaked photo (at working resolution).
+      psnr: PSNR in dB between clean and cloaked photo (full resolution).
+      distance: the final ensemble feature distance of the objective.
+      seconds: wall time spent on this photo (its share of its batch).
+      working_shape: ``(h, w)`` the perturbation was optimised at.
+    """
+
+    image: np.ndarray
+    faces: list[Face]
+    no_face: bool
+    similarity: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    detected_after: list[bool] = dataclasses.field(default_factory=list)
+    lpips: float = 0.0
+    psnr: float = float("inf")
+    distance: float = 0.0
+    seconds: float = 0.0
+    working_shape: tuple[int, int] = (0, 0)
+
+
+# --- geometry --------------------------------------------------------------------------
+
+
+def _bucket_side(n: int) -> int:
+    for side in BUCKET_SIDES:
+        if n <= side:
+            return side
+    return math.ceil(n / 512) * 512
+
+
+def bucket_shape(h: int, w: int) -> tuple[int, int]:
+    """The padded shape a working image of ``h x w`` is compiled at."""
+    return (_bucket_side(h), _bucket_side(w))
+
+
+def _face_slots(n: int) -> int:
+    """Faces are padded to a power of two, so face counts share compiled functions."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _to_working(matrix: np.ndarray, scale: float) -> np.ndarray:
+    """Re-express a chip->photo affine map in working-resolution pixel coordinates.
+
+    Pixel centres sit at integer coordinates, so full-res ``x`` maps to working
+    ``(x + 0.5) * scale - 0.5``.
+    """
+    s = np.array([[scale, 0.0, 0.5 * scale - 0.5], [0.0, scale, 0.5 * scale - 0.5], [0.0, 0.0, 1.0]])
+    m = np.vstack([np.asarray(matrix, np.float64), [0.0, 0.0, 1.0]])
+    return (s @ m)[:2]
+
+
+@dataclasses.dataclass
+class Prepared:
+    """One photo ready for the compiled attack (host-side numpy)."""
+
+    index: int
+    image: np.ndarray  # uint8 [H, W, 3] original
+    faces: list[Face]
+    scale: float
+    working: np.ndarray  # float32 [h, w, 3]
+    transforms: dict[str, np.ndarray]  # name -> [n, 2, 3] (working coords)
+    lpips_transforms: np.ndarray  # [n, 2, 3]
+
+    @property
+    def bucket(self) -> tuple[int, int]:
+        return bucket_shape(*self.working.shape[:2])
+
+
+def _resize(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Antialiased resize of a float32 ``[H, W, 3]`` image (downscaling to working size)."""
+    out = jax.image.resize(jnp.asarray(image), (*shape, image.shape[2]), "linear", antialias=True)
+    return np.asarray(out, np.float32)
+
+
+def prepare(index: int, image: np.ndarray, faces: list[Face], config: Config) -> Prepared:
+    """Working-resolution image and per-model alignment transforms for one photo."""
+    h, w = image.shape[:2]
+    scale = min(1.0, config.max_side / max(h, w))
+    full = image.astype(np.float32) / np.float32(255.0)
+    if scale < 1.0:
+        working = _resize(full, (max(1, round(h * scale)), max(1, round(w * scale))))
+        # Use the exact ratio of the rounded shape for coordinates.
+        scale = working.shape[1] / w
+    else:
+        working = full
+    transforms = {
+        name: np.stack([_to_working(_align.chip_transform(f, name, image), scale) for f in faces]).astype(np.float32)
+        for name in config.models
+    }
+    lpips_t = np.stack([_to_working(_align.chip_transform(f, "sface", image), scale) for f in faces]).astype(np.float32)
+    return Prepared(index, image, faces, scale, working, transforms, lpips_t)
+
+
+def _pad_faces(t: np.ndarray, slots: int) -> np.ndarray:
+    pad = np.repeat(t[:1], slots - len(t), axis=0)  # copies of a real face, masked out
+    return np.concatenate([t, pad]) if len(pad) else t
+
+
+def _stack_batch(items: Sequence[Prepared], bucket: tuple[int, int], slots: int, models: Sequence[str]):
+    """Host arrays of one batch: images padded to ``bucket``, faces padded to ``slots``."""
+    hb, wb = bucket
+    clean, pmask, tr, lt, mask, scale = [], [], {m: [] for m in models}, [], [], []
+    for p in items:
+        h, w = p.working.shape[:2]
+        img = np.pad(p.working, ((0, hb - h), (0, wb - w), (0, 0)), mode="edge")
+        pm = np.zeros((hb, wb, 1), np.float32)
+        pm[:h, :w] = 1.0
+        clean.append(img)
+        pmask.append(pm)
+        for m in models:
+            tr[m].append(_pad_faces(p.transforms[m], slots))
+        lt.append(_pad_faces(p.lpips_transforms, slots))
+        mk = np.zeros((slots,), np.float32)
+        mk[: len(p.faces)] = 1.0
+        mask.append(mk)
+        scale.append(np.float32(hb * wb / (h * w)))
+    geometry = Geometry(
+        transforms={m: np.stack(v) for m, v in tr.items()},
+        lpips_transforms=np.stack(lt),
+        mask=np.stack(mask),
+        lpips_scale=np.asarray(scale, np.float32),
+    )
+    return np.stack(clean), np.stack(pmask), geometry
+
+
+def _photo_seed(image: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(image).data) & 0x7FFFFFFF
+
+
+# --- the compiled attack ----------------------------------------------------------------
+
+_progress_hook: list[Callable[[int, int], None] | None] = [None]
+
+
+def _report_step(step, total):
+    hook = _progress_hook[0]
+    if hook is not None:
+        hook(int(np.max(step)), int(np.max(total)))
+
+
+class Attack:
+    """Loaded models plus the compiled attack, cached per (bucket, face slots, batch)."""
+
+    def __init__(self, config: Config | None = None):
+        self.config = config or Config()
+        self.recognizers = {name: load_recognizer(name) for name in self.config.models}
+        self.lpips = load_lpips("alex")
+        graphdefs, params = {}, {}
+        for name, rec in self.recognizers.items():
+            graphdefs[name], params[name] = nnx.split(rec.module)
+        graphdefs["lpips"], params["lpips"] = nnx.split(self.lpips)
+        self._graphdefs = graphdefs
+        self.mesh = Mesh(np.asarray(jax.devices()), ("batch",))
+        self._batch_sharding = NamedSharding(self.mesh, P("batch"))
+        self._replicated = NamedSharding(self.mesh, P())
+        self.params = jax.device_put(params, self._replicated)
+        self._fn = jax.jit(
+            partial(_attack_batch, config=self.config, graphdefs=graphdefs,
+                    chip_sizes={n: r.input_size for n, r in self.recognizers.items()}),
+            in_shardings=(self._replicated, self._batch_sharding, self._batch_sharding,
+                          self._batch_sharding, self._batch_sharding),
+            out_shardings=self._batch_sharding,
+            donate_argnums=(1,),
+        )
+        self.compiled_shapes: set[tuple] = set()
+
+    @property
+    def n_devices(self) -> int:
+        return len(self.mesh.devices.flat)
+
+    def _put(self, x):
+        if jax.process_count() > 1:
+            return jax.tree.map(lambda a: jax.make_array_from_process_local_data(self._batch_sharding, a), x)
+        return jax.device_put(x, self._batch_sharding)
+
+    def run_batch(self, items: Sequence[Prepared], restart: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Attack one batch of prepared photos sharing a bucket. Returns
+        (delta [B, hb, wb, 3], distance [B], lpips [B]) as numpy."""
+        bucket = items[0].bucket
+        slots = _face_slots(max(len(p.faces) for p in items))
+        n = len(items)
+        padded = list(items) + [items[-1]] * ((-n) % self.n_devices)
+        clean, pmask, geometry = _stack_batch(padded, bucket, slots, self.config.models)
+        keys = jnp.stack([
+            jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.seed), _photo_seed(p.image)), restart)
+            for p in padded
+        ])
+        self.compiled_shapes.add((len(padded), *bucket, slots))
+        delta, distance, lp = self._fn(self.params, *self._put((clean, pmask, geometry, keys)))
+        return (np.asarray(delta)[:n], np.asarray(distance)[:n], np.asarray(lp)[:n])
+
+
+def _attack_batch(params, clean, pmask, geometry, keys, *, config: Config, graphdefs, chip_sizes):
+    """[B, H, W, 3] clean photos -> (perturbation, final distance, final LPIPS), vmapped."""
+    models = {
+        name: Model(embed=nnx.merge(graphdefs[name], params[name]), chip_size=chip_sizes[name])
+        for name in config.models
+    }
+    lpips = nnx.merge(graphdefs["lpips"], params["lpips"])
+    optimiser = optax.chain(optax.scale_by_sign(), optax.scale(-config.step_size))
+    kwargs = dict(alpha=config.alpha, blur=config.blur, blur_sigma=config.blur_sigma, blur_kernel=config.blur_kernel)
+
+    def one(x, mask, geom, key):
+        targets = jax.tree.map(jax.lax.stop_gradient, clean_features(models, x, geom))
+
+        def negative(delta):
+            loss, aux = objective(x + delta, x, geom, models, targets, lpips, **kwargs)
+            return -loss, aux
+
+        delta = jax.random.uniform(key, x.shape, jnp.float32, -config.init_range, config.init_range) * mask
+        state = optimiser.init(delta)
+
+        def step(i, carry):
+            delta, state = carry
+            grad, _ = jax.grad(negative, has_aux=True)(delta)
+            updates, state = optimiser.update(grad * mask, state, delta)
+            jax.debug.callback(_report_step, i + 1, config.steps)
+            return optax.apply_updates(delta, updates), state
+
+        delta, _ = jax.lax.fori_loop(0, config.steps, step, (delta, state))
+        adv = jnp.clip(x + delta, 0.0, 1.0)
+        _, aux = objective(adv, x, geom, models, targets, lpips, **kwargs)
+        whole_photo_lpips = lpips(adv[None], x[None])[0] * geom.lpips_scale
+        return adv - x, aux["distance"], whole_photo_lpips
+
+    return jax.vmap(one)(clean, pmask, geometry, keys)
+
+
+# --- photos in, photos out --------------------------------------------------------------
+
+_attacks: dict[Config, Attack] = {}
+
+
+def _get_attack(config: Config) -> Attack:
+    key = dataclasses.replace(config, seed=0, restarts=1, batch_size=1)  # same compiled fn
+    if key not in _attacks:
+        _attacks.clear()
+        _attacks[key] = Attack(config)
+    attack = _attacks[key]
+    attack.config = config
+    return attack
+
+
+def _as_uint8(image) -> np.ndarray:
+    if hasattr(image, "convert") and hasattr(image, "size"):  # PIL image
+        image = np.asarray(image.convert("RGB"))
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8 or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError(f"expected a uint8 [H, W, 3] RGB image or a PIL image, got {arr.dtype}{list(arr.shape)}")
+    return arr
+
+
+def _apply(p: Prepared, delta: np.ndarray) -> np.ndarray:
+    """Add the working-resolution perturbation to the full-resolution photo."""
+    h, w = p.working.shape[:2]
+    d = delta[:h, :w]
+    H, W = p.image.shape[:2]
+    if (h, w) != (H, W):
+        d = np.asarray(jax.image.resize(jnp.asarray(d), (H, W, 3), "linear"))
+    out = np.clip(p.image.astype(np.float32) / np.float32(255.0) + d, 0.0, 1.0)
+    return np.round(out * np.float32(255.0)).astype(np.uint8)
+
+
+def cloak(
+    images: Sequence,
+    config: Config | None = None,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    evaluate: bool = True,
+) -> list[Result]:
+    """Cloak photos against face recognition.
+
+    Args:
+      images: uint8 ``[H, W, 3]`` RGB arrays or PIL images.
+      config: attack settings (defaults: the released LowKey code's).
+      progress: optional ``callback(step, total_steps)`` called during each batch.
+      evaluate: measure per-recogniser similarity, LPIPS and PSNR (slower).
+    Returns:
+      One :class:`Result` per input, in order. Photos without a face come back unchanged
+      with ``no_face=True``.
+    """
+    config = config or Config()
+    arrays = [_as_uint8(im) for im in images]
+    results: list[Result | None] = [None] * len(arrays)
+    prepared: list[Prepared] = []
+    for i, img in enumerate(arrays):
+        faces = detect_faces(img)
+        if not faces:
+            results[i] = Result(image=img, faces=[], no_face=True, working_shape=img.shape[:2])
+        else:
+            prepared.append(prepare(i, img, faces, config))
+    if not prepared:
+        return results  # type: ignore[return-value]
+    attack = _get_attack(config)
+    groups: dict[tuple, list[Prepared]] = {}
+    for p in prepared:
+        groups.setdefault(p.bucket, []).append(p)
+    _progress_hook[0] = progress
+    try:
+        for bucket, members in groups.items():
+            for start in range(0, len(members), config.batch_size):
+                batch = members[start : start + config.batch_size]
+                tb = time.perf_counter()
+                best = None
+                for r in range(config.restarts):
+                    delta, dist, lp = attack.run_batch(batch, r)
+                    if best is None:
+                        best = [delta, dist, lp]
+                    else:
+                        better = dist > best[1]
+                        best[0][better], best[1][better], best[2][better] = delta[better], dist[better], lp[better]
+                share = (time.perf_counter() - tb) / len(batch)
+                for j, p in enumerate(batch):
+                    out = _apply(p, best[0][j])
+                    results[p.index] = Result(
+                        image=out, faces=p.faces, no_face=False, lpips=float(best[2][j]),
+                        psnr=psnr(p.image, out), distance=float(best[1][j]), seconds=share,
+                        working_shape=p.working.shape[:2],
+                    )
+    finally:
+        _progress_hook[0] = None
+    if evaluate:
+        for p in prepared:
+            r = results[p.index]
+            te = time.perf_counter()
+            r.similarity, r.detected_after = similarities(p.image, r.image, p.faces, config.models)
+            r.seconds += time.perf_counter() - te
+    return results  # type: ignore[return-value]

@@ -1,0 +1,338 @@
+"""Does cloaking protect? Protection evaluation on a labelled photo collection.
+
+Protocol (LowKey's threat model): for each identity with at least two photos, its first
+photo (by file name) is the *gallery* photo that the user publishes, so it is cloaked and
+put into the adversary's database; its other, clean photos are the *probes* the adversary
+later tries to identify. Gallery photos of all other identities are distractors.
+
+For each recogniser, before vs after cloaking the gallery:
+- rank-1 identification accuracy of the probes against the gallery;
+- verification match rate: the fraction of (probe, own gallery photo) pairs whose cosine
+  reaches the threshold that gives equal error rate on the clean data.
+Also: the clean-vs-cloaked similarity of each cloaked face (the "would the same photo still
+match" view), robustness after JPEG re-encoding (quality 75), downscaling by half and a
+mild blur, and image quality (LPIPS alex/vgg, SSIM, PSNR).
+
+Transfer: with ``transfer=True`` each recogniser is also evaluated on galleries cloaked by an
+ensemble that leaves it out: the honest estimate against systems the attack never saw.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from lowkey_jax.attack import Config, cloak
+from lowkey_jax.detect import detect_faces
+from lowkey_jax.face import Face
+from lowkey_jax.imageio import ImageError, read_image
+from lowkey_jax.metrics import eer_threshold, pair_scores, rank1_accuracy
+from lowkey_jax.pipeline import embed_faces, match_faces, psnr, ssim
+
+__all__ = ["Photo", "load_dataset", "evaluate", "write_report", "TRANSFORMS"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Photo:
+    path: Path
+    identity: str
+
+
+def load_dataset(data: Path, labels: Path | None = None) -> list[Photo]:
+    """A folder of identity subfolders, or a folder plus a ``file,identity`` CSV
+    (``labels.csv`` inside the folder is used when present)."""
+    data = Path(data)
+    if not data.is_dir():
+        raise ValueError(f"{data}: not a folder")
+    labels = labels or (data / "labels.csv" if (data / "labels.csv").is_file() else None)
+    photos = []
+    if labels is not None:
+        with open(labels, newline="") as f:
+            for row in csv.DictReader(f):
+                photos.append(Photo(data / row["file"], row["identity"]))
+    else:
+        for sub in sorted(p for p in data.iterdir() if p.is_dir()):
+            for f in sorted(p for p in sub.iterdir() if p.is_file()):
+                photos.append(Photo(f, sub.name))
+    if not photos:
+        raise ValueError(f"{data}: no labelled photos (expected identity subfolders or a labels CSV)")
+    return photos
+
+
+def _jpeg(img: np.ndarray) -> np.ndarray:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=75)
+    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+
+
+def _half(img: np.ndarray) -> np.ndarray:
+    h, w = img.shape[:2]
+    return np.asarray(Image.fromarray(img).resize((max(1, w // 2), max(1, h // 2)), Image.Resampling.LANCZOS))
+
+
+def _blur(img: np.ndarray) -> np.ndarray:
+    return np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(1.0)))
+
+
+# Post-processing a platform might apply to an uploaded photo. Each returns (image, scale)
+# where scale maps the original's coordinates onto the transformed image.
+TRANSFORMS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], float]] = {
+    "none": (lambda x: x, 1.0),
+    "jpeg75": (_jpeg, 1.0),
+    "downscale0.5": (_half, 0.5),
+    "blur1": (_blur, 1.0),
+}
+
+
+def _scaled(face: Face, s: float) -> Face:
+    return Face(face.box * s, face.score, face.landmarks * s)
+
+
+def _main_face(faces: list[Face]) -> Face:
+    """The photo's subject: the largest face."""
+    return max(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
+
+
+def _embed_main(img: np.ndarray, reference: Face, models: Sequence[str]) -> dict[str, np.ndarray]:
+    """Each recogniser's own pipeline: detect in ``img``, take the face matching
+    ``reference`` (falling back to ``reference``'s geometry if none is detected), embed."""
+    found = match_faces([reference], detect_faces(img))[0]
+    face = found if found is not None else reference
+    return {m: embed_faces(img, [face], m)[0] for m in models}
+
+
+def _lpips_pair(a: np.ndarray, b: np.ndarray, net: str) -> float:
+    from lowkey_jax.perceptual import load_lpips
+
+    scale = min(1.0, 1024 / max(a.shape[:2]))
+    shape = (max(32, round(a.shape[0] * scale)), max(32, round(a.shape[1] * scale)), 3)
+    f = lambda im: jax.image.resize(jnp.asarray(im, jnp.float32) / jnp.float32(255.0), shape, "linear", antialias=True)
+    return float(load_lpips(net)(f(a)[None], f(b)[None])[0])
+
+
+def evaluate(
+    data: Path,
+    *,
+    labels: Path | None = None,
+    config: Config | None = None,
+    settings: Sequence[tuple[int, float]] = (),
+    transfer: bool = True,
+    cloak_all: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run the protocol; returns a JSON-able dict with every number.
+
+    Args:
+      config: the attack settings for the main (white-box) run.
+      settings: extra ``(steps, alpha)`` points for the protection/quality trade-off.
+      transfer: also cloak with each leave-one-out ensemble.
+      cloak_all: cloak every photo in the main run (not only gallery photos), to report the
+        clean-vs-cloaked similarity over the whole collection.
+    """
+    config = config or Config()
+    models = tuple(config.models)
+    photos = load_dataset(Path(data), labels)
+    images, faces, kept, skipped = {}, {}, [], []
+    for p in photos:
+        try:
+            img = read_image(p.path).rgb
+        except ImageError as e:
+            skipped.append({"file": str(p.path), "reason": str(e)})
+            continue
+        found = detect_faces(img)
+        if not found:
+            skipped.append({"file": str(p.path), "reason": "no face found"})
+            continue
+        images[p.path], faces[p.path] = img, _main_face(found)
+        kept.append(p)
+    log(f"{len(kept)} photos with a face, {len(skipped)} skipped")
+    clean = {p.path: {m: embed_faces(images[p.path], [faces[p.path]], m)[0] for m in models} for p in kept}
+
+    # Thresholds at equal error rate on all clean pairs.
+    labels_ = [p.identity for p in kept]
+    thresholds, eers = {}, {}
+    for m in models:
+        s, same = pair_scores(np.stack([clean[p.path][m] for p in kept]), labels_)
+        thresholds[m], eers[m] = eer_threshold(s, same)
+
+    by_id: dict[str, list[Photo]] = {}
+    for p in kept:
+        by_id.setdefault(p.identity, []).append(p)
+    gallery = [sorted(ps, key=lambda p: p.path.name)[0] for ps in by_id.values()]
+    probes = [p for ps in by_id.values() if len(ps) >= 2 for p in sorted(ps, key=lambda p: p.path.name)[1:]]
+    g_ids = [p.identity for p in gallery]
+
+    def cloak_set(cfg: Config, targets: list[Photo]) -> tuple[dict, float]:
+        t = time.perf_counter()
+        res = cloak([images[p.path] for p in targets], cfg, evaluate=False)
+        return {p.path: r.image for p, r in zip(targets, res)}, (time.perf_counter() - t) / max(1, len(targets))
+
+    def protection(cloaked: dict[Path, np.ndarray], eval_models: Sequence[str]) -> dict:
+        out = {}
+        for tname, (fn, scale) in TRANSFORMS.items():
+            g_emb = {}
+            for p in gallery:
+                img = fn(cloaked[p.path]) if p.path in cloaked else fn(images[p.path])
+                g_emb[p.path] = _embed_main(img, _scaled(faces[p.path], scale), eval_models)
+            per_model = {}
+            for m in eval_models:
+                gal = np.stack([g_emb[p.path][m] for p in gallery])
+                prb = np.stack([clean[p.path][m] for p in probes])
+                own = np.stack([g_emb[next(g for g in gallery if g.identity == p.identity).path][m] for p in probes])
+                cos = np.sum(prb * own, 1) / (np.linalg.norm(prb, axis=1) * np.linalg.norm(own, axis=1))
+                self_sim = [float(np.dot(clean[p.path][m], g_emb[p.path][m]) / (np.linalg.norm(clean[p.path][m]) * np.linalg.norm(g_emb[p.path][m]))) for p in gallery if p.path in cloaked]
+                per_model[m] = {
+                    "rank1": rank1_accuracy(prb, [p.identity for p in probes], gal, g_ids),
+                    "match_rate": float(np.mean(cos >= thresholds[m])),
+                    "probe_gallery_cosine_mean": float(np.mean(cos)),
+                    "clean_vs_cloaked_cosine": self_sim,
+                }
+            out[tname] = per_model
+        return out
+
+    def quality(cloaked: dict[Path, np.ndarray]) -> dict:
+        q = {"lpips_alex": [], "lpips_vgg": [], "ssim": [], "psnr": []}
+        for path, img in cloaked.items():
+            q["lpips_alex"].append(_lpips_pair(images[path], img, "alex"))
+            q["lpips_vgg"].append(_lpips_pair(images[path], img, "vgg"))
+            q["ssim"].append(ssim(images[path], img))
+            q["psnr"].append(psnr(images[path], img))
+        return {k: {"mean": float(np.mean(v)), "median": float(np.median(v)), "min": float(np.min(v)),
+                    "max": float(np.max(v)), "values": v} for k, v in q.items()}
+
+    # Before: nothing cloaked.
+    report: dict = {
+        "data": str(data), "photos": len(kept), "identities": len(by_id), "gallery": len(gallery),
+        "probes": len(probes), "skipped": skipped, "config": dataclasses.asdict(config),
+        "thresholds": thresholds, "eer": eers,
+    }
+    log("measuring clean protection baseline")
+    report["before"] = protection({}, models)["none"]
+
+    log(f"cloaking {'all' if cloak_all else len(gallery)} photos with {'+'.join(models)} (white-box)")
+    main_targets = kept if cloak_all else gallery
+    main, spp = cloak_set(config, main_targets)
+    report["white_box"] = {"seconds_per_photo": spp, "protection": protection(main, models), "quality": quality(main)}
+    if cloak_all:
+        sims = {m: [] for m in models}
+        for p in kept:
+            e = _embed_main(main[p.path], faces[p.path], models)
+            for m in models:
+                sims[m].append(float(np.dot(clean[p.path][m], e[m]) / (np.linalg.norm(clean[p.path][m]) * np.linalg.norm(e[m]))))
+        report["white_box"]["all_photos_clean_vs_cloaked"] = {
+            m: {"below_threshold": float(np.mean(np.asarray(v) < thresholds[m])), "mean": float(np.mean(v)), "values": v}
+            for m, v in sims.items()
+        }
+
+    if transfer and len(models) > 1:
+        report["transfer"] = {}
+        for held_out in models:
+            ens = tuple(m for m in models if m != held_out)
+            log(f"cloaking the gallery with {'+'.join(ens)}; evaluating {held_out} (never seen by the attack)")
+            cl, spp = cloak_set(dataclasses.replace(config, models=ens), gallery)
+            report["transfer"][held_out] = {"ensemble": ens, "seconds_per_photo": spp,
+                                            "protection": {t: v[held_out] for t, v in protection(cl, (held_out,)).items()}}
+
+    report["sweep"] = []
+    for steps, alpha in settings:
+        log(f"sweep point: steps={steps}, alpha={alpha}")
+        cfg = dataclasses.replace(config, steps=steps, alpha=alpha)
+        cl, spp = cloak_set(cfg, gallery)
+        prot = protection(cl, models)["none"]
+        qual = quality(cl)
+        report["sweep"].append({
+            "steps": steps, "alpha": alpha, "seconds_per_photo": spp,
+            "match_rate": {m: prot[m]["match_rate"] for m in models},
+            "mean_match_rate": float(np.mean([prot[m]["match_rate"] for m in models])),
+            "lpips_alex": qual["lpips_alex"]["mean"], "psnr": qual["psnr"]["mean"],
+        })
+    return report
+
+
+def _plot(points: list[dict], path: Path) -> None:
+    """Protection (1 - mean match rate) against LPIPS, one labelled point per setting."""
+    w, h, pad = 640, 480, 60
+    im = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(im)
+    d.line([(pad, h - pad), (w - 20, h - pad)], fill="black")
+    d.line([(pad, h - pad), (pad, 20)], fill="black")
+    d.text((w // 2 - 60, h - 35), "LPIPS-alex (lower = less visible)", fill="black")
+    d.text((5, 5), "protection = 1 - match rate", fill="black")
+    xmax = max([p["lpips_alex"] for p in points] + [0.05]) * 1.15
+    for i in range(5):
+        v = xmax * i / 4
+        x = pad + (w - pad - 20) * i / 4
+        d.text((x - 10, h - pad + 5), f"{v:.2f}", fill="black")
+        y = h - pad - (h - pad - 20) * i / 4
+        d.text((15, y - 5), f"{i / 4:.2f}", fill="black")
+    for p in points:
+        x = pad + (w - pad - 20) * p["lpips_alex"] / xmax
+        y = h - pad - (h - pad - 20) * (1 - p["mean_match_rate"])
+        d.ellipse([x - 5, y - 5, x + 5, y + 5], fill=(31, 119, 180))
+        d.text((x + 7, y - 7), p["label"], fill="black")
+    im.save(path)
+
+
+def write_report(report: dict, out_dir: Path, command: str = "") -> dict[str, Path]:
+    """Write ``evaluation.json``, ``evaluation.md`` and ``tradeoff.png`` into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "evaluation.json", "md": out_dir / "evaluation.md", "png": out_dir / "tradeoff.png"}
+    paths["json"].write_text(json.dumps(report, indent=1, default=str))
+    models = list(report["thresholds"])
+    wb = report["white_box"]
+    L = [f"# Protection evaluation: {report['data']}", ""]
+    if command:
+        L += ["Produced by:", "", f"    {command}", ""]
+    cfg = report["config"]
+    L += [f"{report['photos']} photos of {report['identities']} identities ({report['gallery']} gallery photos cloaked, "
+          f"{report['probes']} clean probes); attack: {cfg['steps']} steps, step {cfg['step_size']}, alpha {cfg['alpha']}, "
+          f"models {'+'.join(cfg['models'])}, max_side {cfg['max_side']}; {wb['seconds_per_photo']:.1f} s per photo.", ""]
+    L += ["## Thresholds (equal error rate on the clean photos)", "", "| recogniser | cosine threshold | EER |", "|---|---|---|"]
+    L += [f"| {m} | {report['thresholds'][m]:.3f} | {report['eer'][m]:.3f} |" for m in models]
+    L += ["", "## White-box (all recognisers in the attack)", "",
+          "| recogniser | rank-1 before | rank-1 after | match rate before | match rate after |", "|---|---|---|---|---|"]
+    for m in models:
+        b, a = report["before"][m], wb["protection"]["none"][m]
+        L.append(f"| {m} | {b['rank1']:.2f} | {a['rank1']:.2f} | {b['match_rate']:.2f} | {a['match_rate']:.2f} |")
+    if "all_photos_clean_vs_cloaked" in wb:
+        L += ["", "Clean vs cloaked similarity of the same photo (all photos cloaked):", "",
+              "| recogniser | below threshold | mean cosine |", "|---|---|---|"]
+        for m, v in wb["all_photos_clean_vs_cloaked"].items():
+            L.append(f"| {m} | {v['below_threshold']:.1%} | {v['mean']:.3f} |")
+    if "transfer" in report:
+        L += ["", "## Transfer (leave-one-out: the attack never saw the recogniser)", "",
+              "| held-out recogniser | ensemble | rank-1 after | match rate after |", "|---|---|---|---|"]
+        for m, t in report["transfer"].items():
+            p = t["protection"]["none"]
+            L.append(f"| {m} | {'+'.join(t['ensemble'])} | {p['rank1']:.2f} | {p['match_rate']:.2f} |")
+    L += ["", "## Robustness (match rate after the cloaked gallery is post-processed)", "",
+          "| recogniser | " + " | ".join(TRANSFORMS) + " |", "|---" * (len(TRANSFORMS) + 1) + "|"]
+    for m in models:
+        L.append(f"| {m} (white-box) | " + " | ".join(f"{wb['protection'][t][m]['match_rate']:.2f}" for t in TRANSFORMS) + " |")
+    for m, t in report.get("transfer", {}).items():
+        L.append(f"| {m} (held out) | " + " | ".join(f"{t['protection'][k]['match_rate']:.2f}" for k in TRANSFORMS) + " |")
+    q = wb["quality"]
+    L += ["", "## Image quality (original vs cloaked)", "", "| metric | mean | median | min | max |", "|---|---|---|---|---|"]
+    L += [f"| {k} | {v['mean']:.4f} | {v['median']:.4f} | {v['min']:.4f} | {v['max']:.4f} |" for k, v in q.items()]
+    points = [{"label": "default", "lpips_alex": q["lpips_alex"]["mean"],
+               "mean_match_rate": float(np.mean([wb["protection"]["none"][m]["match_rate"] for m in models]))}]
+    if report["sweep"]:
+        L += ["", "## Trade-off sweep (gallery photos)", "", "| steps | alpha | mean match rate | LPIPS-alex | PSNR | s/photo |",
+              "|---|---|---|---|---|---|"]
+        for s in report["sweep"]:
+            L.append(f"| {s['steps']} | {s['alpha']} | {s['mean_match_rate']:.2f} | {s['lpips_alex']:.4f} | {s['psnr']:.1f} | {s['seconds_per_photo']:.1f} |")
+            points.append({"label": f"{s['steps']}/{s['alpha']}", "lpips_alex": s["lpips_alex"], "mean_match_rate": s["mean_match_rate"]})
+    L += ["", f"![protection vs quality]({paths['png'].name})", ""]
+    paths["md"].write_text("\n".join(L))
+    _plot(points, paths["png"])
+    return paths

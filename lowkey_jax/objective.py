@@ -1,0 +1,169 @@
+"""The LowKey objective for one photo: pure, unbatched, no jit inside.
+
+For a clean photo ``x`` and its perturbed version ``x'`` (float32 ``[H, W, 3]`` RGB in
+[0, 1]) with faces whose alignment transforms are known, LowKey maximises
+
+    D(x') - alpha * P(x, x')
+
+where
+- ``D`` is the ensemble feature distance: for every face ``k``, every recogniser ``m`` and
+  both branches ``b`` (the plain photo and the Gaussian-smoothed photo ``G(x')``),
+  ``(f_m(A_mk(b(x'))) - f_m(A_mk(x)))**2 / ||f_m(A_mk(x))||``, averaged over feature dims,
+  branches, recognisers and faces. ``A_mk`` aligns face ``k`` for recogniser ``m`` with a
+  differentiable bilinear warp of the full photo, and ``f_m`` is the LowKey feature: the
+  L2-normalised sum of the embeddings of the chip and of its horizontal flip.
+- ``P`` is LPIPS-AlexNet, half on the whole photo and half on the aligned face crops.
+
+Everything here is a plain function of arrays and callables, usable with the caller's own
+``jax.jit`` / ``jax.vmap`` / ``jax.grad``; ``lowkey_jax.attack`` is the one place that
+compiles, batches and shards it.
+
+Deviations from the released LowKey code (github.com/... LowKey, ``attack.py``), and why:
+1. Every face of the photo is attacked (masked mean over faces); the original uses only
+   the first detected face and crashes on photos with none.
+2. The smoothed branch is compared with the features of the clean *unsmoothed* photo, as
+   in the paper's objective (Eq. 2); the blur uses reflect padding like the reference,
+   implemented by padding before dm-pix's VALID blur (dm-pix itself zero-pads).
+3. Alignment uses each recogniser's own original geometry (dlib chip, FaceNet margin crop,
+   ArcFace template for SFace) instead of one shared 112x112 ArcFace crop, so each model
+   sees what its own pipeline would feed it.
+4. Photos may be padded to a bucket shape for compilation; ``Geometry.lpips_scale``
+   rescales the whole-photo LPIPS so that padding (identical in both images) does not
+   dilute it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
+
+import dm_pix as pix
+import jax
+import jax.numpy as jnp
+
+from lowkey_jax.align import warp_affine
+
+__all__ = [
+    "Geometry",
+    "Model",
+    "gaussian_smooth",
+    "lowkey_features",
+    "clean_features",
+    "feature_distance",
+    "lpips_term",
+    "objective",
+]
+
+Embed = Callable[[jax.Array], jax.Array]  # [N, h, w, 3] in [0, 1] -> [N, D]
+LPIPSFn = Callable[[jax.Array, jax.Array], jax.Array]  # [N, H, W, 3] x2 -> [N]
+
+
+class Model(NamedTuple):
+    """One recogniser as the objective sees it: an embedding function and its chip size."""
+
+    embed: Embed
+    chip_size: tuple[int, int]
+
+
+class Geometry(NamedTuple):
+    """Where the faces of one photo are (a pytree: vmappable over photos).
+
+    Attributes:
+      transforms: ``{model name: float32 [F, 2, 3]}`` affine maps from chip pixel coords to
+        photo pixel coords (see :func:`lowkey_jax.align.warp_affine`), one per face slot.
+      lpips_transforms: float32 ``[F, 2, 3]`` maps to the 112x112 crops used by LPIPS.
+      mask: float32 ``[F]``: 1 for a real face, 0 for a padding slot.
+      lpips_scale: float32 scalar: (padded area) / (photo area), 1 when unpadded.
+    """
+
+    transforms: Mapping[str, jax.Array]
+    lpips_transforms: jax.Array
+    mask: jax.Array
+    lpips_scale: jax.Array
+
+
+LPIPS_CROP = (112, 112)
+
+
+def gaussian_smooth(image: jax.Array, sigma: float = 3.0, kernel_size: int = 7) -> jax.Array:
+    """Gaussian blur of ``[H, W, 3]`` with reflect padding (as the reference), via dm-pix."""
+    r = kernel_size // 2
+    padded = jnp.pad(image, ((r, r), (r, r), (0, 0)), mode="reflect")
+    return pix.gaussian_blur(padded, sigma, kernel_size, padding="VALID")
+
+
+def _chips(image: jax.Array, transforms: jax.Array, size: tuple[int, int]) -> jax.Array:
+    return jax.vmap(lambda m: warp_affine(image, m, size))(transforms)
+
+
+def _l2_normalise(x: jax.Array) -> jax.Array:
+    ss = jnp.sum(x * x, axis=-1, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(ss, jnp.float32(1e-12)))
+
+
+def lowkey_features(model: Model, image: jax.Array, transforms: jax.Array) -> jax.Array:
+    """LowKey features ``[F, D]``: L2-normalised (embed(chip) + embed(flipped chip))."""
+    chips = _chips(image, transforms, model.chip_size)
+    f = chips.shape[0]
+    emb = model.embed(jnp.concatenate([chips, chips[:, :, ::-1, :]], axis=0))
+    return _l2_normalise(emb[:f] + emb[f:])
+
+
+def clean_features(models: Mapping[str, Model], image: jax.Array, geometry: Geometry) -> dict[str, jax.Array]:
+    """The targets ``f_m(A_mk(x))`` of the clean photo, computed once before the attack."""
+    return {name: lowkey_features(m, image, geometry.transforms[name]) for name, m in models.items()}
+
+
+def feature_distance(adv: jax.Array, clean: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean over real faces and dims of ``(adv - clean)**2 / ||clean||``; ``[F, D]`` -> scalar."""
+    norm = jnp.sqrt(jnp.maximum(jnp.sum(clean * clean, axis=-1), jnp.float32(1e-12)))
+    per_face = jnp.mean((adv - clean) ** 2, axis=-1) / norm
+    return jnp.sum(per_face * mask) / jnp.maximum(jnp.sum(mask), jnp.float32(1.0))
+
+
+def lpips_term(lpips: LPIPSFn, adv: jax.Array, clean: jax.Array, geometry: Geometry) -> jax.Array:
+    """Half LPIPS on the whole photo, half the mean LPIPS over the aligned face crops."""
+    whole = lpips(adv[None], clean[None])[0] * geometry.lpips_scale
+    crops_adv = _chips(adv, geometry.lpips_transforms, LPIPS_CROP)
+    crops_clean = _chips(clean, geometry.lpips_transforms, LPIPS_CROP)
+    faces = lpips(crops_adv, crops_clean)
+    mask = geometry.mask
+    faces = jnp.sum(faces * mask) / jnp.maximum(jnp.sum(mask), jnp.float32(1.0))
+    return 0.5 * whole + 0.5 * faces
+
+
+def objective(
+    adv: jax.Array,
+    clean: jax.Array,
+    geometry: Geometry,
+    models: Mapping[str, Model],
+    targets: Mapping[str, jax.Array],
+    lpips: LPIPSFn,
+    *,
+    alpha: float = 0.05,
+    blur: bool = True,
+    blur_sigma: float = 3.0,
+    blur_kernel: int = 7,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The LowKey objective (to be maximised) and its parts.
+
+    Args:
+      adv, clean: float32 ``[H, W, 3]`` RGB in [0, 1].
+      geometry: the faces of this photo.
+      models: ``{name: Model}``, the ensemble.
+      targets: ``clean_features(models, clean, geometry)``.
+      lpips: LPIPS distance function.
+    Returns:
+      ``(loss, {"distance": D, "lpips": P})``, scalars.
+    """
+    branches = [adv]
+    if blur:
+        branches.append(gaussian_smooth(adv, blur_sigma, blur_kernel))
+    terms = []
+    for name, model in models.items():
+        for branch in branches:
+            feats = lowkey_features(model, branch, geometry.transforms[name])
+            terms.append(feature_distance(feats, targets[name], geometry.mask))
+    distance = jnp.mean(jnp.stack(terms))
+    perceptual = lpips_term(lpips, adv, clean, geometry)
+    return distance - alpha * perceptual, {"distance": distance, "lpips": perceptual}

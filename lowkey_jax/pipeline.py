@@ -1,0 +1,136 @@
+"""Each recogniser's own full pipeline (detect, align, embed) outside the attack.
+
+Used to measure protection: the similarity between a clean photo and its cloaked version
+as a face-recognition system would compute it, plus image-quality metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import cache
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lowkey_jax import align as _align
+from lowkey_jax.detect import detect_faces
+from lowkey_jax.face import Face
+from lowkey_jax.recognizers import load_recognizer
+
+__all__ = ["embed_faces", "match_faces", "similarities", "thresholds", "compare", "psnr", "ssim"]
+
+
+@cache
+def _embedder(name: str):
+    graphdef, state = nnx.split(load_recognizer(name).module)
+    fn = jax.jit(lambda s, chips: nnx.merge(graphdef, s)(chips))
+    return lambda chips: fn(state, chips)
+
+
+def embed_faces(image: np.ndarray, faces: list[Face], name: str) -> np.ndarray:
+    """Native embeddings ``[F, D]`` of ``faces`` in uint8 ``image`` for recogniser ``name``."""
+    if not faces:
+        return np.zeros((0, load_recognizer(name).embed_dim), np.float32)
+    img = jnp.asarray(image, jnp.float32) / jnp.float32(255.0)
+    chips = np.stack([np.asarray(_align.align(img, f, name, image=image)) for f in faces])
+    slots = 1 << max(0, (len(faces) - 1).bit_length())  # bucketed batch: few compiles
+    chips = np.concatenate([chips, np.repeat(chips[:1], slots - len(faces), axis=0)])
+    return np.asarray(_embedder(name)(jnp.asarray(chips)))[: len(faces)]
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    x0, y0 = max(a[0], b[0]), max(a[1], b[1])
+    x1, y1 = min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, x1 - x0) * max(0.0, y1 - y0)
+    area = lambda r: max(0.0, r[2] - r[0]) * max(0.0, r[3] - r[1])
+    union = area(a) + area(b) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def match_faces(reference: list[Face], found: list[Face], min_iou: float = 0.3) -> list[Face | None]:
+    """For each reference face, the found face overlapping it best (IoU >= min_iou) or None."""
+    out: list[Face | None] = []
+    for r in reference:
+        best = max(found, key=lambda f: _iou(r.box, f.box), default=None)
+        out.append(best if best is not None and _iou(r.box, best.box) >= min_iou else None)
+    return out
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.linalg.norm(a, axis=-1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=-1, keepdims=True)
+    return np.sum(a * b, axis=-1)
+
+
+def similarities(clean: np.ndarray, cloaked: np.ndarray, faces: list[Face], models) -> tuple[dict[str, list[float]], list[bool]]:
+    """Per recogniser and face: cosine between the clean and the cloaked embedding.
+
+    The cloaked photo goes through detection again. Where the detector no longer finds a
+    face, the clean face's geometry is used instead (the conservative choice: it measures
+    the recogniser as if detection had still succeeded); ``detected`` records which.
+    """
+    found = match_faces(faces, detect_faces(cloaked))
+    detected = [f is not None for f in found]
+    after = [f if f is not None else c for f, c in zip(found, faces)]
+    sims = {}
+    for name in models:
+        sims[name] = [float(v) for v in _cosine(embed_faces(clean, faces, name), embed_faces(cloaked, after, name))]
+    return sims, detected
+
+
+@cache
+def thresholds() -> dict[str, float]:
+    """Same-person cosine thresholds per recogniser (equal error rate on clean photos).
+
+    Measured by ``bench/thresholds.py`` on ``shared/faces/celebs``; see the JSON's notes.
+    """
+    data = json.loads((Path(__file__).parent / "thresholds.json").read_text())
+    return {k: float(v) for k, v in data["thresholds"].items()}
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean SSIM (dm-pix, 11x11 Gaussian window, sigma 1.5) of two uint8 RGB images."""
+    import dm_pix as pix
+
+    x = jnp.asarray(a, jnp.float32) / jnp.float32(255.0)
+    y = jnp.asarray(b, jnp.float32) / jnp.float32(255.0)
+    with jax.numpy_dtype_promotion("standard"):  # dm-pix's ssim mixes Python floats and int32
+        return float(pix.ssim(x, y))
+
+
+def compare(original: np.ndarray, cloaked: np.ndarray, models=("dlib", "facenet", "sface")) -> dict:
+    """How a cloaked photo fares against each recogniser, and how it looks.
+
+    Returns ``{"faces": n, "recognizers": {name: {"similarity": [...], "threshold": t,
+    "matched": [...]}}, "detected_after": [...], "lpips": x, "psnr": x, "ssim": x}``.
+    """
+    from lowkey_jax.perceptual import load_lpips
+
+    if original.shape != cloaked.shape:
+        raise ValueError(f"images differ in size: {original.shape} vs {cloaked.shape}")
+    faces = detect_faces(original)
+    sims, detected = similarities(original, cloaked, faces, models) if faces else ({m: [] for m in models}, [])
+    th = thresholds()
+    lp = load_lpips("alex")
+    scale = min(1.0, 1024 / max(original.shape[:2]))
+    shape = (max(32, round(original.shape[0] * scale)), max(32, round(original.shape[1] * scale)), 3)
+    to01 = lambda im: jax.image.resize(jnp.asarray(im, jnp.float32) / jnp.float32(255.0), shape, "linear", antialias=True)
+    return {
+        "faces": len(faces),
+        "recognizers": {
+            m: {"similarity": sims[m], "threshold": th[m], "matched": [s >= th[m] for s in sims[m]]} for m in models
+        },
+        "detected_after": detected,
+        "lpips": float(lp(to01(original)[None], to01(cloaked)[None])[0]),
+        "psnr": psnr(original, cloaked),
+        "ssim": ssim(original, cloaked),
+    }

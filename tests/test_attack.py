@@ -1,0 +1,194 @@
+"""The attack: objective purity, jit/vmap equivalence, progress, devices, determinism.
+
+These run the real models on real photos with few steps and a small working resolution
+to stay within CI time; the full-strength evaluation lives in bench/evaluate.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from lowkey_jax.attack import Attack, Config, bucket_shape, cloak, prepare
+from lowkey_jax.detect import detect_faces
+from lowkey_jax.objective import Geometry, Model, clean_features, gaussian_smooth, objective
+from lowkey_jax.perceptual import load_lpips
+from lowkey_jax.recognizers import load_recognizer
+
+FAST = Config(steps=3, models=("facenet", "sface"), max_side=256, batch_size=2)
+
+
+def _load(path: Path, max_side: int = 640) -> np.ndarray:
+    im = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+    im.thumbnail((max_side, max_side))
+    return np.asarray(im)
+
+
+@pytest.fixture(scope="module")
+def one_face(shared) -> np.ndarray:
+    return _load(shared / "faces" / "celebs" / "img1.jpg")
+
+
+@pytest.fixture(scope="module")
+def couple(shared) -> np.ndarray:
+    return _load(shared / "faces" / "celebs" / "couple.jpg", 800)
+
+
+def _geometry(p) -> Geometry:
+    return Geometry(
+        transforms={k: jnp.asarray(v) for k, v in p.transforms.items()},
+        lpips_transforms=jnp.asarray(p.lpips_transforms),
+        mask=jnp.ones((len(p.faces),), jnp.float32),
+        lpips_scale=jnp.float32(1.0),
+    )
+
+
+def test_objective_jit_equals_eager_and_has_finite_gradient(one_face):
+    faces = detect_faces(one_face)
+    p = prepare(0, one_face, faces, FAST)
+    models = {n: Model(load_recognizer(n).embed, load_recognizer(n).input_size) for n in FAST.models}
+    lpips = load_lpips("alex")
+    x = jnp.asarray(p.working)
+    geom = _geometry(p)
+    targets = clean_features(models, x, geom)
+    adv = jnp.clip(x + jax.random.uniform(jax.random.key(1), x.shape, jnp.float32, -0.02, 0.02), 0.0, 1.0)
+
+    def f(a):
+        return objective(a, x, geom, models, targets, lpips)[0]
+
+    eager = float(f(adv))
+    jitted = float(jax.jit(f)(adv))
+    assert abs(eager - jitted) <= 1e-5 * max(1.0, abs(eager)), (eager, jitted)
+    # At the clean photo the distance is zero and so is LPIPS.
+    loss0, aux0 = objective(x, x, geom, models, targets, lpips)
+    assert abs(float(aux0["distance"])) < 1e-6 and abs(float(aux0["lpips"])) < 1e-6
+    assert float(f(adv)) > float(loss0) - 1.0  # finite, sensible
+    g = jax.grad(f)(adv)
+    assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.max(jnp.abs(g))) > 0
+
+
+def test_gaussian_smooth_uses_reflect_padding():
+    img = jnp.zeros((16, 16, 3), jnp.float32).at[:, :2].set(1.0)
+    out = gaussian_smooth(img)
+    # With reflect padding the bright left edge stays bright (zero padding would darken it).
+    assert float(out[8, 0, 0]) > 0.6
+    np.testing.assert_allclose(float(jnp.sum(gaussian_smooth(jnp.ones((16, 16, 3))))), 16 * 16 * 3, rtol=1e-5)
+
+
+def test_vmap_equals_per_photo_loop(one_face):
+    faces = detect_faces(one_face)
+    flipped = np.ascontiguousarray(one_face[:, ::-1])
+    ps = [prepare(0, one_face, faces, FAST), prepare(1, flipped, detect_faces(flipped), FAST)]
+    assert ps[0].bucket == ps[1].bucket
+    attack = Attack(FAST)
+    batched, dist_b, _ = attack.run_batch(ps, 0)
+    for i, p in enumerate(ps):
+        alone, dist_a, _ = attack.run_batch([p], 0)
+        np.testing.assert_allclose(batched[i], alone[0], atol=1e-6)
+        np.testing.assert_allclose(dist_b[i], dist_a[0], rtol=1e-5)
+
+
+def test_objective_rises_over_the_steps(one_face):
+    faces = detect_faces(one_face)
+    dists = []
+    for steps in (0, 2, 6):
+        cfg = dataclasses.replace(FAST, steps=steps)
+        _, d, _ = Attack(cfg).run_batch([prepare(0, one_face, faces, cfg)], 0)
+        dists.append(float(d[0]))
+    assert dists[0] < dists[1] < dists[2], dists
+
+
+def test_cloak_outputs_every_face_no_face_and_determinism(couple, one_face):
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (200, 300, 3), dtype=np.uint8)
+    cfg = dataclasses.replace(FAST, steps=4)
+    steps_seen = []
+    results = cloak([couple, noise, one_face], cfg, progress=lambda s, t: steps_seen.append((s, t)))
+    r_couple, r_noise, r_one = results
+    # No face: unchanged and flagged.
+    assert r_noise.no_face and np.array_equal(r_noise.image, noise)
+    # Outputs keep the input's exact size and dtype; pixels stay in [0, 255] by construction.
+    for r, src in ((r_couple, couple), (r_one, one_face)):
+        assert not r.no_face and r.image.shape == src.shape and r.image.dtype == np.uint8
+        assert not np.array_equal(r.image, src)
+        assert 25 < r.psnr < 80
+    # Every face of the couple is attacked: each one's similarity dropped, for each model.
+    assert len(r_couple.faces) >= 2
+    for name in cfg.models:
+        sims = r_couple.similarity[name]
+        assert len(sims) == len(r_couple.faces)
+        assert all(s < 0.995 for s in sims), (name, sims)
+    assert steps_seen and max(s for s, _ in steps_seen) == cfg.steps
+    # Same seed and input: bit-identical output. Another seed: a different perturbation.
+    again = cloak([one_face], cfg, evaluate=False)[0]
+    assert np.array_equal(again.image, r_one.image)
+    other = cloak([one_face], dataclasses.replace(cfg, seed=1), evaluate=False)[0]
+    assert not np.array_equal(other.image, r_one.image)
+
+
+def test_large_photo_is_attacked_at_working_resolution(shared):
+    big = _load(shared / "faces" / "celebs" / "img1.jpg", 10_000)
+    cfg = dataclasses.replace(FAST, steps=2)
+    faces = detect_faces(big)
+    p = prepare(0, big, faces, cfg)
+    assert max(p.working.shape[:2]) == cfg.max_side and p.scale < 1
+    r = cloak([big], cfg, evaluate=False)[0]
+    assert r.image.shape == big.shape
+    # Far from the face the photo barely changes: median absolute change there is tiny.
+    x0, y0, x1, y1 = faces[0].box.astype(int)
+    far = np.ones(big.shape[:2], bool)
+    m = int(1.0 * (x1 - x0))
+    far[max(0, y0 - m) : y1 + m, max(0, x0 - m) : x1 + m] = False
+    diff = np.abs(r.image.astype(int) - big.astype(int))
+    assert np.median(diff[far]) <= 2
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="models"):
+        Config(models=("nope",))
+    with pytest.raises(ValueError):
+        Config(steps=-1)
+    assert bucket_shape(300, 512) == (384, 512)
+    assert bucket_shape(683, 1024) == (768, 1024) and bucket_shape(100, 1500) == (256, 1536)
+
+
+_DEVICE_SCRIPT = textwrap.dedent(
+    """
+    import sys, numpy as np
+    from PIL import Image, ImageOps
+    import jax
+    from lowkey_jax.attack import Config, cloak
+    im = ImageOps.exif_transpose(Image.open(sys.argv[1])).convert("RGB")
+    im.thumbnail((320, 320))
+    a = np.asarray(im)
+    photos = [a, np.ascontiguousarray(a[:, ::-1]), a, np.ascontiguousarray(a[::-1])]
+    cfg = Config(steps=2, models=("sface",), max_side=256, batch_size=4)
+    out = cloak(photos, cfg, evaluate=False)
+    np.save(sys.argv[2], np.stack([r.image for r in out]))
+    print("devices", jax.device_count())
+    """
+)
+
+
+def test_four_cpu_devices_equal_one(shared, tmp_path):
+    photo = shared / "faces" / "celebs" / "img1.jpg"
+    outs = {}
+    for n in (1, 4):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu")
+        dest = tmp_path / f"out{n}.npy"
+        proc = subprocess.run([sys.executable, "-c", _DEVICE_SCRIPT, str(photo), str(dest)],
+                              env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert f"devices {n}" in proc.stdout
+        outs[n] = np.load(dest)
+    assert np.array_equal(outs[1], outs[4])

@@ -57,6 +57,8 @@ from pathlib import Path
 import numpy as np
 
 from convert.dlib_serialize import DlibSerializationError, Reader
+from lowkey_jax.models.dlib_resnet import EMBED_DIM, INPUT_MEANS, STAGES
+from lowkey_jax.models.dlib_resnet import INPUT_SIZE as _INPUT_SIZE
 
 __all__ = [
     "DlibSerializationError",
@@ -69,21 +71,10 @@ __all__ = [
     "convert_resnet",
 ]
 
-# (filters, number of residual blocks, first block downsamples) from the input to the output:
-# alevel4, alevel3, alevel2, alevel1, alevel0.
-STAGES: tuple[tuple[int, int, bool], ...] = (
-    (32, 3, False),
-    (64, 4, True),
-    (128, 3, True),
-    (256, 3, True),
-    (256, 1, True),
-)
-STEM_FILTERS = 32
-EMBED_DIM = 128
-INPUT_SIZE = 150
-# input_rgb_image_sized's default means (red, green, blue); the file must carry these values,
-# since the JAX model hard-codes them.
-INPUT_MEANS = (122.782, 117.001, 104.298)
+# The architecture (STAGES: (filters, blocks, first block downsamples), alevel4 .. alevel0)
+# and input means are the JAX model's own constants: the file must match them exactly.
+STEM_FILTERS = STAGES[0][0]
+INPUT_SIZE = _INPUT_SIZE[0]
 
 
 def _default_pad(k: int, stride: int) -> int:

@@ -63,6 +63,8 @@ class Config:
       max_side: photos larger than this (longest side, pixels) are attacked at this working
         resolution and the perturbation is upsampled to full resolution.
       batch_size: photos per compiled call.
+      lpips_max_side: the whole-photo LPIPS term is computed on the photo downscaled to at
+        most this many pixels (see ``objective.lpips_term``).
     """
 
     steps: int = 50
@@ -77,6 +79,7 @@ class Config:
     seed: int = 0
     max_side: int = 1024
     batch_size: int = 4
+    lpips_max_side: int = 512
 
     def __post_init__(self):
         object.__setattr__(self, "models", tuple(self.models))
@@ -304,7 +307,8 @@ def _attack_batch(params, clean, pmask, geometry, keys, *, config: Config, graph
     }
     lpips = nnx.merge(graphdefs["lpips"], params["lpips"])
     optimiser = optax.chain(optax.scale_by_sign(), optax.scale(-config.step_size))
-    kwargs = dict(alpha=config.alpha, blur=config.blur, blur_sigma=config.blur_sigma, blur_kernel=config.blur_kernel)
+    kwargs = dict(alpha=config.alpha, blur=config.blur, blur_sigma=config.blur_sigma,
+                  blur_kernel=config.blur_kernel, lpips_max_side=config.lpips_max_side)
 
     def one(x, mask, geom, key):
         targets = jax.tree.map(jax.lax.stop_gradient, clean_features(models, x, geom))

@@ -18,7 +18,7 @@ Everything here is a plain function of arrays and callables, usable with the cal
 ``jax.jit`` / ``jax.vmap`` / ``jax.grad``; ``lowkey_jax.attack`` is the one place that
 compiles, batches and shards it.
 
-Deviations from the released LowKey code (github.com/... LowKey, ``attack.py``), and why:
+Deviations from the released LowKey code, and why:
 1. Every face of the photo is attacked (masked mean over faces); the original uses only
    the first detected face and crashes on photos with none.
 2. The smoothed branch is compared with the features of the clean *unsmoothed* photo, as
@@ -30,6 +30,8 @@ Deviations from the released LowKey code (github.com/... LowKey, ``attack.py``),
 4. Photos may be padded to a bucket shape for compilation; ``Geometry.lpips_scale``
    rescales the whole-photo LPIPS so that padding (identical in both images) does not
    dilute it.
+5. The whole-photo LPIPS is taken on the photo downscaled to at most 512 pixels (see
+   :func:`lpips_term`); the face-crop half is at 112x112 as in the reference.
 """
 
 from __future__ import annotations
@@ -103,10 +105,14 @@ def _l2_normalise(x: jax.Array) -> jax.Array:
 
 def lowkey_features(model: Model, image: jax.Array, transforms: jax.Array) -> jax.Array:
     """LowKey features ``[F, D]``: L2-normalised (embed(chip) + embed(flipped chip))."""
-    chips = _chips(image, transforms, model.chip_size)
-    f = chips.shape[0]
+    return _features_of_chips(model, _chips(image, transforms, model.chip_size))
+
+
+def _features_of_chips(model: Model, chips: jax.Array) -> jax.Array:
+    """``[B, h, w, 3]`` chips -> ``[B, D]`` LowKey features (chips and flips in one call)."""
+    b = chips.shape[0]
     emb = model.embed(jnp.concatenate([chips, chips[:, :, ::-1, :]], axis=0))
-    return _l2_normalise(emb[:f] + emb[f:])
+    return _l2_normalise(emb[:b] + emb[b:])
 
 
 def clean_features(models: Mapping[str, Model], image: jax.Array, geometry: Geometry) -> dict[str, jax.Array]:
@@ -121,9 +127,23 @@ def feature_distance(adv: jax.Array, clean: jax.Array, mask: jax.Array) -> jax.A
     return jnp.sum(per_face * mask) / jnp.maximum(jnp.sum(mask), jnp.float32(1.0))
 
 
-def lpips_term(lpips: LPIPSFn, adv: jax.Array, clean: jax.Array, geometry: Geometry) -> jax.Array:
-    """Half LPIPS on the whole photo, half the mean LPIPS over the aligned face crops."""
-    whole = lpips(adv[None], clean[None])[0] * geometry.lpips_scale
+def _shrink(image: jax.Array, max_side: int) -> jax.Array:
+    h, w = image.shape[:2]
+    s = max_side / max(h, w)
+    if s >= 1.0:
+        return image
+    shape = (max(32, round(h * s)), max(32, round(w * s)), image.shape[2])
+    return jax.image.resize(image, shape, "linear", antialias=True)
+
+
+def lpips_term(lpips: LPIPSFn, adv: jax.Array, clean: jax.Array, geometry: Geometry, *, max_side: int = 512) -> jax.Array:
+    """Half LPIPS on the whole photo, half the mean LPIPS over the aligned face crops.
+
+    The whole-photo half is computed on the photo downscaled (antialiased) to at most
+    ``max_side`` pixels: LPIPS is a perceptual measure of the photo as seen, and at full
+    working resolution its AlexNet pass would cost more than the whole recogniser ensemble.
+    """
+    whole = lpips(_shrink(adv, max_side)[None], _shrink(clean, max_side)[None])[0] * geometry.lpips_scale
     crops_adv = _chips(adv, geometry.lpips_transforms, LPIPS_CROP)
     crops_clean = _chips(clean, geometry.lpips_transforms, LPIPS_CROP)
     faces = lpips(crops_adv, crops_clean)
@@ -144,6 +164,7 @@ def objective(
     blur: bool = True,
     blur_sigma: float = 3.0,
     blur_kernel: int = 7,
+    lpips_max_side: int = 512,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The LowKey objective (to be maximised) and its parts.
 
@@ -161,9 +182,11 @@ def objective(
         branches.append(gaussian_smooth(adv, blur_sigma, blur_kernel))
     terms = []
     for name, model in models.items():
-        for branch in branches:
-            feats = lowkey_features(model, branch, geometry.transforms[name])
-            terms.append(feature_distance(feats, targets[name], geometry.mask))
+        # Both branches' chips go through the network in one call: [branches * F] chips.
+        chips = jnp.concatenate([_chips(b, geometry.transforms[name], model.chip_size) for b in branches])
+        feats = _features_of_chips(model, chips).reshape(len(branches), -1, targets[name].shape[-1])
+        for f in feats:
+            terms.append(feature_distance(f, targets[name], geometry.mask))
     distance = jnp.mean(jnp.stack(terms))
-    perceptual = lpips_term(lpips, adv, clean, geometry)
+    perceptual = lpips_term(lpips, adv, clean, geometry, max_side=lpips_max_side)
     return distance - alpha * perceptual, {"distance": distance, "lpips": perceptual}

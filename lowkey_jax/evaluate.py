@@ -283,6 +283,29 @@ def _plot(points: list[dict], path: Path) -> None:
     im.save(path)
 
 
+TARGETS = {"white_box_match_rate": 0.05, "transfer_match_rate": 0.30, "lpips_alex": 0.10}
+
+
+def targets(report: dict) -> list[str]:
+    """The project's protection targets, each stated as met or missed (and by how much)."""
+    out = []
+    wb = report["white_box"]["protection"]["none"]
+    for m, v in wb.items():
+        t = TARGETS["white_box_match_rate"]
+        ok = v["match_rate"] <= t
+        out.append(f"white-box match rate for {m}: {v['match_rate']:.1%} (target <= {t:.0%}): "
+                   + ("met" if ok else f"MISSED by {v['match_rate'] - t:.1%}"))
+    for m, tr in report.get("transfer", {}).items():
+        v = tr["protection"]["none"]["match_rate"]
+        t = TARGETS["transfer_match_rate"]
+        out.append(f"leave-one-out match rate for held-out {m}: {v:.1%} (target <= {t:.0%}): "
+                   + ("met" if v <= t else f"MISSED by {v - t:.1%}"))
+    lp = report["white_box"]["quality"]["lpips_alex"]["mean"]
+    t = TARGETS["lpips_alex"]
+    out.append(f"mean LPIPS-alex {lp:.4f} (target <= {t}): " + ("met" if lp <= t else f"MISSED by {lp - t:.4f}"))
+    return out
+
+
 def write_report(report: dict, out_dir: Path, command: str = "") -> dict[str, Path]:
     """Write ``evaluation.json``, ``evaluation.md`` and ``tradeoff.png`` into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -333,6 +356,7 @@ def write_report(report: dict, out_dir: Path, command: str = "") -> dict[str, Pa
             L.append(f"| {s['steps']} | {s['alpha']} | {s['mean_match_rate']:.2f} | {s['lpips_alex']:.4f} | {s['psnr']:.1f} | {s['seconds_per_photo']:.1f} |")
             points.append({"label": f"{s['steps']}/{s['alpha']}", "lpips_alex": s["lpips_alex"], "mean_match_rate": s["mean_match_rate"]})
     L += ["", f"![protection vs quality]({paths['png'].name})", ""]
+    L += ["## Targets", ""] + [f"- {line}" for line in targets(report)] + [""]
     paths["md"].write_text("\n".join(L))
     _plot(points, paths["png"])
     return paths

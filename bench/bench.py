@@ -217,8 +217,35 @@ def bench_gpu() -> list[dict]:
     return out
 
 
+def bench_buckets(folder: Path | None = None) -> dict:
+    """How many times a folder of mixed photos compiles: the distinct (batch, bucket shape,
+    face slots) of ``cloak``'s grouping, from detection and preparation only."""
+    from lowkey_jax.attack import Config, _face_slots, prepare
+    from lowkey_jax.detect import detect_faces
+    from lowkey_jax.imageio import read_image
+
+    folder = folder or SHARED / "faces" / "celebs"
+    cfg = Config()
+    groups: dict[tuple, list] = {}
+    n = 0
+    for path in sorted(folder.glob("*.jpg")):
+        img = read_image(path).rgb
+        faces = detect_faces(img)
+        if faces:
+            p = prepare(n, img, faces, cfg)
+            groups.setdefault(p.bucket, []).append(len(faces))
+            n += 1
+    shapes = set()
+    for bucket, counts in groups.items():
+        for i in range(0, len(counts), cfg.batch_size):
+            chunk = counts[i : i + cfg.batch_size]
+            shapes.add((len(chunk), *bucket, _face_slots(max(chunk))))
+    return {"what": f"compiled attack shapes for {n} photos of {folder.name} (batch_size {cfg.batch_size}, max_side {cfg.max_side})",
+            "photos": n, "buckets": len(groups), "compiled_shapes": len(shapes)}
+
+
 JOBS = {"lpips": bench_lpips, "recognizers": bench_recognizers, "detect": bench_detect,
-        "attack": bench_attack, "gpu": bench_gpu}
+        "attack": bench_attack, "gpu": bench_gpu, "buckets": bench_buckets}
 
 
 def _run_all(out: Path | None) -> None:

@@ -543,7 +543,10 @@ def cloak_command(
     elapsed = time.perf_counter() - t0
     n = {s: sum(j.status == s for j in jobs) for s in ("cloaked", "no_face", "skipped", "failed")}
     done = n["cloaked"] + n["no_face"]
-    rate = f", {done / elapsed:.2f} photos/s" if done and elapsed > 0 else ""
+    rate = ""
+    if done and elapsed > 0:
+        per_s = done / elapsed
+        rate = f", {per_s:.2f} photos/s" if per_s >= 0.1 else f", {per_s:.4f} photos/s ({elapsed / done:.1f} s/photo)"
     if not jobs:
         typer.echo("No photos found (folders are searched for .jpg .png .webp .tif ... files; -r for sub-folders).")
     note = f" ({ignored} *_cloaked output{'s' if ignored != 1 else ''} in the folders left alone)" if ignored else ""

@@ -156,7 +156,6 @@ def _photo(size: int):
 
 def bench_attack(batch: int = 1, size: int = 512) -> dict:
     """Seconds per photo for the default attack, compile time, FLOP/s vs matmul peak."""
-    import jax
 
     from lowkey_jax.attack import Attack, Config, prepare
     from lowkey_jax.detect import detect_faces

@@ -27,8 +27,6 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
@@ -37,7 +35,7 @@ from lowkey_jax.detect import detect_faces
 from lowkey_jax.face import Face
 from lowkey_jax.imageio import ImageError, read_image
 from lowkey_jax.metrics import eer_threshold, pair_scores, rank1_accuracy
-from lowkey_jax.pipeline import embed_faces, match_faces, psnr, ssim
+from lowkey_jax.pipeline import embed_faces, lpips_photos, match_faces, psnr, ssim
 
 __all__ = ["Photo", "load_dataset", "evaluate", "write_report", "TRANSFORMS"]
 
@@ -109,15 +107,6 @@ def _embed_main(img: np.ndarray, reference: Face, models: Sequence[str]) -> dict
     found = match_faces([reference], detect_faces(img))[0]
     face = found if found is not None else reference
     return {m: embed_faces(img, [face], m)[0] for m in models}
-
-
-def _lpips_pair(a: np.ndarray, b: np.ndarray, net: str) -> float:
-    from lowkey_jax.perceptual import load_lpips
-
-    scale = min(1.0, 1024 / max(a.shape[:2]))
-    shape = (max(32, round(a.shape[0] * scale)), max(32, round(a.shape[1] * scale)), 3)
-    f = lambda im: jax.image.resize(jnp.asarray(im, jnp.float32) / jnp.float32(255.0), shape, "linear", antialias=True)
-    return float(load_lpips(net)(f(a)[None], f(b)[None])[0])
 
 
 def evaluate(
@@ -203,8 +192,8 @@ def evaluate(
     def quality(cloaked: dict[Path, np.ndarray]) -> dict:
         q = {"lpips_alex": [], "lpips_vgg": [], "ssim": [], "psnr": []}
         for path, img in cloaked.items():
-            q["lpips_alex"].append(_lpips_pair(images[path], img, "alex"))
-            q["lpips_vgg"].append(_lpips_pair(images[path], img, "vgg"))
+            q["lpips_alex"].append(lpips_photos(images[path], img, "alex"))
+            q["lpips_vgg"].append(lpips_photos(images[path], img, "vgg"))
             q["ssim"].append(ssim(images[path], img))
             q["psnr"].append(psnr(images[path], img))
         return {k: {"mean": float(np.mean(v)), "median": float(np.median(v)), "min": float(np.min(v)),

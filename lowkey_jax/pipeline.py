@@ -21,7 +21,7 @@ from lowkey_jax.detect import detect_faces
 from lowkey_jax.face import Face
 from lowkey_jax.recognizers import load_recognizer
 
-__all__ = ["embed_faces", "match_faces", "similarities", "thresholds", "compare", "psnr", "ssim"]
+__all__ = ["embed_faces", "match_faces", "similarities", "thresholds", "compare", "lpips_photos", "psnr", "ssim"]
 
 
 @cache
@@ -107,30 +107,35 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
         return float(pix.ssim(x, y))
 
 
+def lpips_photos(a: np.ndarray, b: np.ndarray, net: str = "alex", max_side: int = 1024) -> float:
+    """LPIPS between two uint8 photos of equal size, both resized (antialiased) so the
+    longest side is at most ``max_side`` (the attack's default working resolution)."""
+    from lowkey_jax.perceptual import load_lpips
+
+    scale = min(1.0, max_side / max(a.shape[:2]))
+    shape = (max(32, round(a.shape[0] * scale)), max(32, round(a.shape[1] * scale)), 3)
+    f = lambda im: jax.image.resize(jnp.asarray(im, jnp.float32) / jnp.float32(255.0), shape, "linear", antialias=True)
+    return float(load_lpips(net)(f(a)[None], f(b)[None])[0])
+
+
 def compare(original: np.ndarray, cloaked: np.ndarray, models=("dlib", "facenet", "sface")) -> dict:
     """How a cloaked photo fares against each recogniser, and how it looks.
 
     Returns ``{"faces": n, "recognizers": {name: {"similarity": [...], "threshold": t,
     "matched": [...]}}, "detected_after": [...], "lpips": x, "psnr": x, "ssim": x}``.
     """
-    from lowkey_jax.perceptual import load_lpips
-
     if original.shape != cloaked.shape:
         raise ValueError(f"images differ in size: {original.shape} vs {cloaked.shape}")
     faces = detect_faces(original)
     sims, detected = similarities(original, cloaked, faces, models) if faces else ({m: [] for m in models}, [])
     th = thresholds()
-    lp = load_lpips("alex")
-    scale = min(1.0, 1024 / max(original.shape[:2]))
-    shape = (max(32, round(original.shape[0] * scale)), max(32, round(original.shape[1] * scale)), 3)
-    to01 = lambda im: jax.image.resize(jnp.asarray(im, jnp.float32) / jnp.float32(255.0), shape, "linear", antialias=True)
     return {
         "faces": len(faces),
         "recognizers": {
             m: {"similarity": sims[m], "threshold": th[m], "matched": [s >= th[m] for s in sims[m]]} for m in models
         },
         "detected_after": detected,
-        "lpips": float(lp(to01(original)[None], to01(cloaked)[None])[0]),
+        "lpips": lpips_photos(original, cloaked),
         "psnr": psnr(original, cloaked),
         "ssim": ssim(original, cloaked),
     }

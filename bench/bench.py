@@ -219,7 +219,8 @@ def bench_gpu() -> list[dict]:
 def bench_buckets(folder: Path | None = None) -> dict:
     """How many times a folder of mixed photos compiles: the distinct (batch, bucket shape,
     face slots) of ``cloak``'s grouping, from detection and preparation only."""
-    from lowkey_jax.attack import Config, _face_slots, prepare
+    from lowkey_jax.attack import Config, prepare
+    from lowkey_jax.face import face_slots
     from lowkey_jax.detect import detect_faces
     from lowkey_jax.imageio import read_image
 
@@ -238,7 +239,7 @@ def bench_buckets(folder: Path | None = None) -> dict:
     for bucket, counts in groups.items():
         for i in range(0, len(counts), cfg.batch_size):
             chunk = counts[i : i + cfg.batch_size]
-            shapes.add((len(chunk), *bucket, _face_slots(max(chunk))))
+            shapes.add((len(chunk), *bucket, face_slots(max(chunk))))
     return {"what": f"compiled attack shapes for {n} photos of {folder.name} (batch_size {cfg.batch_size}, max_side {cfg.max_side})",
             "photos": n, "buckets": len(groups), "compiled_shapes": len(shapes)}
 

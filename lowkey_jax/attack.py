@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from lowkey_jax import align as _align
 from lowkey_jax.detect import detect_faces
-from lowkey_jax.face import Face
+from lowkey_jax.face import Face, face_slots
 from lowkey_jax.objective import Geometry, Model, clean_features, objective
 from lowkey_jax.perceptual import load_lpips
 from lowkey_jax.pipeline import psnr, similarities
@@ -140,11 +140,6 @@ def _bucket_side(n: int) -> int:
 def bucket_shape(h: int, w: int) -> tuple[int, int]:
     """The padded shape a working image of ``h x w`` is compiled at."""
     return (_bucket_side(h), _bucket_side(w))
-
-
-def _face_slots(n: int) -> int:
-    """Faces are padded to a power of two, so face counts share compiled functions."""
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def _to_working(matrix: np.ndarray, scale: float) -> np.ndarray:
@@ -286,7 +281,7 @@ class Attack:
         """Attack one batch of prepared photos sharing a bucket. Returns
         (delta [B, hb, wb, 3], distance [B], lpips [B]) as numpy."""
         bucket = items[0].bucket
-        slots = _face_slots(max(len(p.faces) for p in items))
+        slots = face_slots(max(len(p.faces) for p in items))
         n = len(items)
         padded = list(items) + [items[-1]] * ((-n) % self.n_devices)
         clean, pmask, geometry = _stack_batch(padded, bucket, slots, self.config.models)

@@ -34,7 +34,7 @@ from lowkey_jax.attack import Config, cloak
 from lowkey_jax.detect import detect_faces
 from lowkey_jax.face import Face
 from lowkey_jax.imageio import ImageError, read_image
-from lowkey_jax.metrics import eer_threshold, pair_scores, rank1_accuracy
+from lowkey_jax.metrics import eer_threshold, pair_scores, paired_cosine, rank1_accuracy
 from lowkey_jax.pipeline import embed_faces, lpips_photos, match_faces, psnr, ssim
 
 __all__ = ["Photo", "load_dataset", "evaluate", "write_report", "TRANSFORMS"]
@@ -178,8 +178,8 @@ def evaluate(
                 gal = np.stack([g_emb[p.path][m] for p in gallery])
                 prb = np.stack([clean[p.path][m] for p in probes])
                 own = np.stack([g_emb[next(g for g in gallery if g.identity == p.identity).path][m] for p in probes])
-                cos = np.sum(prb * own, 1) / (np.linalg.norm(prb, axis=1) * np.linalg.norm(own, axis=1))
-                self_sim = [float(np.dot(clean[p.path][m], g_emb[p.path][m]) / (np.linalg.norm(clean[p.path][m]) * np.linalg.norm(g_emb[p.path][m]))) for p in gallery if p.path in cloaked]
+                cos = paired_cosine(prb, own)
+                self_sim = [float(paired_cosine(clean[p.path][m], g_emb[p.path][m])) for p in gallery if p.path in cloaked]
                 per_model[m] = {
                     "rank1": rank1_accuracy(prb, [p.identity for p in probes], gal, g_ids),
                     "match_rate": float(np.mean(cos >= thresholds[m])),
@@ -217,7 +217,7 @@ def evaluate(
         for p in kept:
             e = _embed_main(main[p.path], faces[p.path], models)
             for m in models:
-                sims[m].append(float(np.dot(clean[p.path][m], e[m]) / (np.linalg.norm(clean[p.path][m]) * np.linalg.norm(e[m]))))
+                sims[m].append(float(paired_cosine(clean[p.path][m], e[m])))
         report["white_box"]["all_photos_clean_vs_cloaked"] = {
             m: {"below_threshold": float(np.mean(np.asarray(v) < thresholds[m])), "mean": float(np.mean(v)), "values": v}
             for m, v in sims.items()

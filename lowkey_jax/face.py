@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 
-__all__ = ["Face"]
+__all__ = ["Face", "face_slots"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,3 +45,8 @@ class Face:
             "score": round(self.score, 4),
             "landmarks": [[round(float(x), 2), round(float(y), 2)] for x, y in self.landmarks],
         }
+
+
+def face_slots(n: int) -> int:
+    """Faces are padded to a power of two, so face counts share compiled functions."""
+    return 1 << max(0, (n - 1).bit_length())

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["cosine_matrix", "pair_scores", "eer_threshold", "rank1_accuracy", "match_rate"]
+__all__ = ["cosine_matrix", "paired_cosine", "pair_scores", "eer_threshold", "rank1_accuracy", "match_rate"]
 
 
 def cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -19,6 +19,13 @@ def cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = a / np.linalg.norm(a, axis=1, keepdims=True)
     b = b / np.linalg.norm(b, axis=1, keepdims=True)
     return a @ b.T
+
+
+def paired_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine of corresponding rows: ``[..., D] x [..., D] -> [...]`` (a scalar for 1-D)."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return np.sum(a * b, axis=-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
 def pair_scores(emb: np.ndarray, labels: Sequence) -> tuple[np.ndarray, np.ndarray]:
@@ -59,7 +66,4 @@ def rank1_accuracy(probe: np.ndarray, probe_labels: Sequence, gallery: np.ndarra
 
 def match_rate(probe: np.ndarray, reference: np.ndarray, threshold: float) -> float:
     """Fraction of (probe_i, reference_i) pairs whose cosine reaches ``threshold``."""
-    a = np.asarray(probe, np.float64)
-    b = np.asarray(reference, np.float64)
-    cos = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    return float(np.mean(cos >= threshold))
+    return float(np.mean(paired_cosine(probe, reference) >= threshold))

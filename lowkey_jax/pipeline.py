@@ -18,7 +18,8 @@ from flax import nnx
 
 from lowkey_jax import align as _align
 from lowkey_jax.detect import detect_faces
-from lowkey_jax.face import Face
+from lowkey_jax.face import Face, face_slots
+from lowkey_jax.metrics import paired_cosine
 from lowkey_jax.recognizers import load_recognizer
 
 __all__ = ["embed_faces", "match_faces", "similarities", "thresholds", "compare", "lpips_photos", "psnr", "ssim"]
@@ -37,7 +38,7 @@ def embed_faces(image: np.ndarray, faces: list[Face], name: str) -> np.ndarray:
         return np.zeros((0, load_recognizer(name).embed_dim), np.float32)
     img = jnp.asarray(image, jnp.float32) / jnp.float32(255.0)
     chips = np.stack([np.asarray(_align.align(img, f, name, image=image)) for f in faces])
-    slots = 1 << max(0, (len(faces) - 1).bit_length())  # bucketed batch: few compiles
+    slots = face_slots(len(faces))  # bucketed batch: few compiles
     chips = np.concatenate([chips, np.repeat(chips[:1], slots - len(faces), axis=0)])
     return np.asarray(_embedder(name)(jnp.asarray(chips)))[: len(faces)]
 
@@ -60,12 +61,6 @@ def match_faces(reference: list[Face], found: list[Face], min_iou: float = 0.3) 
     return out
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a / np.linalg.norm(a, axis=-1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=-1, keepdims=True)
-    return np.sum(a * b, axis=-1)
-
-
 def similarities(clean: np.ndarray, cloaked: np.ndarray, faces: list[Face], models) -> tuple[dict[str, list[float]], list[bool]]:
     """Per recogniser and face: cosine between the clean and the cloaked embedding.
 
@@ -78,7 +73,7 @@ def similarities(clean: np.ndarray, cloaked: np.ndarray, faces: list[Face], mode
     after = [f if f is not None else c for f, c in zip(found, faces)]
     sims = {}
     for name in models:
-        sims[name] = [float(v) for v in _cosine(embed_faces(clean, faces, name), embed_faces(cloaked, after, name))]
+        sims[name] = [float(v) for v in paired_cosine(embed_faces(clean, faces, name), embed_faces(cloaked, after, name))]
     return sims, detected
 
 

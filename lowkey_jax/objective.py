@@ -22,8 +22,9 @@ Deviations from the released LowKey code, and why:
 1. Every face of the photo is attacked (masked mean over faces); the original uses only
    the first detected face and crashes on photos with none.
 2. The smoothed branch is compared with the features of the clean *unsmoothed* photo, as
-   in the paper's objective (Eq. 2); the blur uses reflect padding like the reference,
-   implemented by padding before dm-pix's VALID blur (dm-pix itself zero-pads).
+   in the paper's objective (Eq. 2); the blur uses reflect padding like the reference
+   (dm-pix itself zero-pads), and is dm-pix's separable Gaussian computed as fused slices
+   (:func:`gaussian_smooth`), which is ~30x faster than dm-pix's grouped conv on CPU.
 3. Alignment uses each recogniser's own original geometry (dlib chip, FaceNet margin crop,
    ArcFace template for SFace) instead of one shared 112x112 ArcFace crop, so each model
    sees what its own pipeline would feed it.
@@ -39,11 +40,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
-import dm_pix as pix
 import jax
 import jax.numpy as jnp
 
 from lowkey_jax.align import warp_affine
+from lowkey_jax.models.layers import depthwise_conv
 
 __all__ = [
     "Geometry",
@@ -88,10 +89,21 @@ LPIPS_CROP = (112, 112)
 
 
 def gaussian_smooth(image: jax.Array, sigma: float = 3.0, kernel_size: int = 7) -> jax.Array:
-    """Gaussian blur of ``[H, W, 3]`` with reflect padding (as the reference), via dm-pix."""
+    """Gaussian blur of ``[H, W, 3]`` with reflect padding (as the reference).
+
+    Computes exactly what ``dm_pix.gaussian_blur(padded, sigma, kernel_size,
+    padding="VALID")`` computes (same kernel, horizontal pass then vertical pass; the tests
+    compare the two), but through :func:`lowkey_jax.models.layers.depthwise_conv`: dm-pix
+    runs a grouped convolution, which XLA's CPU backend makes ~30x slower than fused slices.
+    """
     r = kernel_size // 2
     padded = jnp.pad(image, ((r, r), (r, r), (0, 0)), mode="reflect")
-    return pix.gaussian_blur(padded, sigma, kernel_size, padding="VALID")
+    x = jnp.arange(-r, r + 1).astype(jnp.float32)
+    taps = jnp.exp(-(x**2) / (2.0 * jnp.float32(sigma) ** 2))
+    taps = jnp.tile((taps / jnp.sum(taps))[:, None], (1, image.shape[-1]))  # [k, C]
+    valid = ((0, 0), (0, 0))
+    out = depthwise_conv(padded[None], taps[None, :, None, :], 1, valid)  # horizontal
+    return depthwise_conv(out, taps[:, None, None, :], 1, valid)[0]  # vertical
 
 
 def _chips(image: jax.Array, transforms: jax.Array, size: tuple[int, int]) -> jax.Array:

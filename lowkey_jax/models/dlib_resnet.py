@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lowkey_jax.models.layers import conv_general_dilated, max_pool
+
 __all__ = [
     "DlibResNet",
     "ResBlock",
@@ -103,9 +105,7 @@ def add_prev(a: jax.Array, b: jax.Array) -> jax.Array:
 
 def _max_pool(x: jax.Array, k: int, stride: int) -> jax.Array:
     """``k x k`` stride ``stride`` max pool without padding, NHWC."""
-    # A concrete numpy scalar init keeps reduce_window_max (differentiable) recognisable.
-    init = np.array(-np.inf, x.dtype)[()]
-    return jax.lax.reduce_window(x, init, jax.lax.max, (1, k, k, 1), (1, stride, stride, 1), ((0, 0),) * 4)
+    return max_pool(x, k, stride)
 
 
 def _avg_pool(x: jax.Array, k: int, stride: int) -> jax.Array:
@@ -131,7 +131,7 @@ class Conv(nnx.Module):
         self.padding = _dlib_pad(k, stride)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jax.lax.conv_general_dilated(
+        y = conv_general_dilated(
             x,
             self.kernel.get_value(),
             window_strides=(self.stride, self.stride),

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lowkey_jax.models.layers import conv_general_dilated, max_pool
+
 __all__ = [
     "FaceNet",
     "prewhiten",
@@ -94,10 +96,7 @@ def prewhiten(chips: jax.Array) -> jax.Array:
 
 def _max_pool_3x3_s2(x: jax.Array) -> jax.Array:
     """3x3 stride-2 ``VALID`` max pool, NHWC."""
-    # A concrete numpy scalar init lets JAX recognise the max monoid (differentiable
-    # reduce_window_max); a jnp array init would make it a generic, non-differentiable reduce.
-    init = np.array(-np.inf, x.dtype)[()]
-    return jax.lax.reduce_window(x, init, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0),) * 4)
+    return max_pool(x, 3, 2)
 
 
 class ConvUnit(nnx.Module):
@@ -129,7 +128,7 @@ class ConvUnit(nnx.Module):
         self.relu = relu
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jax.lax.conv_general_dilated(
+        y = conv_general_dilated(
             x,
             self.kernel.get_value(),
             window_strides=self.strides,

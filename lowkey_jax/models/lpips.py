@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lowkey_jax.models.layers import conv_general_dilated, max_pool
+
 __all__ = ["LPIPS", "AlexNetFeatures", "VGG16Features", "WEIGHTS"]
 
 WEIGHTS = {"alex": "lpips_alex", "vgg": "lpips_vgg"}
@@ -27,13 +29,12 @@ _EPS = 1e-10  # lpips.normalize_tensor
 
 def _max_pool(x: jax.Array, window: int = 3, stride: int = 2) -> jax.Array:
     """torch.nn.MaxPool2d(window, stride) on NHWC: no padding, floor rounding."""
-    return jax.lax.reduce_window(
-        x, -jnp.inf, jax.lax.max, (1, window, window, 1), (1, stride, stride, 1), "VALID"
-    )
+    return max_pool(x, window, stride)
 
 
 def _conv(cin: int, cout: int, k: int, stride: int, pad: int, rngs: nnx.Rngs) -> nnx.Conv:
-    return nnx.Conv(cin, cout, (k, k), strides=(stride, stride), padding=((pad, pad), (pad, pad)), rngs=rngs)
+    return nnx.Conv(cin, cout, (k, k), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+                    conv_general_dilated=conv_general_dilated, rngs=rngs)
 
 
 class AlexNetFeatures(nnx.Module):
@@ -115,10 +116,11 @@ class LPIPS(nnx.Module):
     def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
         if x.shape != y.shape or x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"LPIPS expects two [N, H, W, 3] arrays of equal shape, got {x.shape} and {y.shape}")
-        n = x.shape[0]
-        feats = self.net(self._scale(jnp.concatenate([x, y], axis=0)))
-        total = jnp.zeros((n,), jnp.float32)
-        for f, lin in zip(feats, self.lins):
-            d = (_unit_normalise(f[:n]) - _unit_normalise(f[n:])) ** 2
+        # Two passes, not one batch of 2N: when y is fixed (the clean photo in the attack),
+        # its pass is loop-invariant and XLA hoists it out of the optimisation loop.
+        fx, fy = self.net(self._scale(x)), self.net(self._scale(y))
+        total = jnp.zeros((x.shape[0],), jnp.float32)
+        for a, b, lin in zip(fx, fy, self.lins, strict=True):
+            d = (_unit_normalise(a) - _unit_normalise(b)) ** 2
             total = total + jnp.mean(lin(d), axis=(1, 2, 3))
         return total

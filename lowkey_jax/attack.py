@@ -233,6 +233,21 @@ def _photo_seed(image: np.ndarray) -> int:
 
 # --- the compiled attack ----------------------------------------------------------------
 
+# Recognisers whose own pipelines antialias when they shrink a face (FaceNet: antialiased
+# resize; dlib: image pyramid). For them the attack box-filters chips of large faces
+# (``objective.Model.supersample``); SFace's pipeline (cv2.warpAffine) samples plainly.
+ANTIALIASED = ("dlib", "facenet")
+MAX_SUPERSAMPLE = 4
+
+
+def supersample_factor(transforms: np.ndarray, mask: np.ndarray) -> int:
+    """Static supersampling for a batch: working pixels per chip pixel of its largest real
+    face, rounded up, in ``[1, MAX_SUPERSAMPLE]``. ``transforms`` ``[B, F, 2, 3]``."""
+    a = np.asarray(transforms, np.float64)[..., :2]
+    scale = np.sqrt(np.abs(a[..., 0, 0] * a[..., 1, 1] - a[..., 0, 1] * a[..., 1, 0]))
+    scale = np.where(np.asarray(mask) > 0, scale, 0.0)
+    return int(np.clip(math.ceil(float(np.max(scale)) - 1e-6), 1, MAX_SUPERSAMPLE))
+
 _progress_hook: list[Callable[[int, int], None] | None] = [None]
 
 
@@ -258,15 +273,21 @@ class Attack:
         self._batch_sharding = NamedSharding(self.mesh, P("batch"))
         self._replicated = NamedSharding(self.mesh, P())
         self.params = jax.device_put(params, self._replicated)
-        self._fn = jax.jit(
-            partial(_attack_batch, config=self.config, graphdefs=graphdefs,
-                    chip_sizes={n: r.input_size for n, r in self.recognizers.items()}),
-            in_shardings=(self._replicated, self._batch_sharding, self._batch_sharding,
-                          self._batch_sharding, self._batch_sharding),
-            out_shardings=self._batch_sharding,
-            donate_argnums=(1,),
-        )
+        self._fns: dict[tuple, Callable] = {}
         self.compiled_shapes: set[tuple] = set()
+
+    def _compiled(self, supersample: tuple[tuple[str, int], ...]) -> Callable:
+        """The jitted attack for one choice of per-model supersampling (a static setting)."""
+        if supersample not in self._fns:
+            self._fns[supersample] = jax.jit(
+                partial(_attack_batch, config=self.config, graphdefs=self._graphdefs,
+                        chips={n: (r.input_size, dict(supersample).get(n, 1)) for n, r in self.recognizers.items()}),
+                in_shardings=(self._replicated, self._batch_sharding, self._batch_sharding,
+                              self._batch_sharding, self._batch_sharding),
+                out_shardings=self._batch_sharding,
+                donate_argnums=(1,),
+            )
+        return self._fns[supersample]
 
     @property
     def n_devices(self) -> int:
@@ -289,15 +310,17 @@ class Attack:
             jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.seed), _photo_seed(p.image)), restart)
             for p in padded
         ])
-        self.compiled_shapes.add((len(padded), *bucket, slots))
-        delta, distance, lp = self._fn(self.params, *self._put((clean, pmask, geometry, keys)))
+        ss = tuple((m, supersample_factor(geometry.transforms[m], mask=geometry.mask)) for m in ANTIALIASED
+                   if m in self.config.models)
+        self.compiled_shapes.add((len(padded), *bucket, slots, ss))
+        delta, distance, lp = self._compiled(ss)(self.params, *self._put((clean, pmask, geometry, keys)))
         return (np.asarray(delta)[:n], np.asarray(distance)[:n], np.asarray(lp)[:n])
 
 
-def _attack_batch(params, clean, pmask, geometry, keys, *, config: Config, graphdefs, chip_sizes):
+def _attack_batch(params, clean, pmask, geometry, keys, *, config: Config, graphdefs, chips):
     """[B, H, W, 3] clean photos -> (perturbation, final distance, final LPIPS), vmapped."""
     models = {
-        name: Model(embed=nnx.merge(graphdefs[name], params[name]), chip_size=chip_sizes[name])
+        name: Model(embed=nnx.merge(graphdefs[name], params[name]), chip_size=chips[name][0], supersample=chips[name][1])
         for name in config.models
     }
     lpips = nnx.merge(graphdefs["lpips"], params["lpips"])

@@ -33,6 +33,9 @@ Deviations from the released LowKey code, and why:
    dilute it.
 5. The whole-photo LPIPS is taken on the photo downscaled to at most 512 pixels (see
    :func:`lpips_term`); the face-crop half is at 112x112 as in the reference.
+6. For faces larger than FaceNet's or dlib's chip, whose own pipelines antialias when they
+   shrink the face, chips are box-filtered from a denser grid (``Model.supersample``, chosen
+   per batch by ``lowkey_jax.attack``); the reference feeds plain bilinear 112x112 crops.
 """
 
 from __future__ import annotations
@@ -62,10 +65,21 @@ LPIPSFn = Callable[[jax.Array, jax.Array], jax.Array]  # [N, H, W, 3] x2 -> [N]
 
 
 class Model(NamedTuple):
-    """One recogniser as the objective sees it: an embedding function and its chip size."""
+    """One recogniser as the objective sees it.
+
+    Attributes:
+      embed: ``[N, h, w, 3]`` chips in [0, 1] -> ``[N, D]`` embeddings.
+      chip_size: ``(h, w)``.
+      supersample: static ``s >= 1``: each chip pixel is the mean of ``s x s`` bilinear
+        samples over its footprint (a box prefilter). Use it when a face is larger than the
+        chip and the model's own pipeline antialiases (FaceNet's resize, dlib's pyramid):
+        plain bilinear sampling would then see only a sparse subset of the photo's pixels,
+        and a perturbation tuned to that subset is averaged away by the real pipeline.
+    """
 
     embed: Embed
     chip_size: tuple[int, int]
+    supersample: int = 1
 
 
 class Geometry(NamedTuple):
@@ -106,8 +120,17 @@ def gaussian_smooth(image: jax.Array, sigma: float = 3.0, kernel_size: int = 7) 
     return depthwise_conv(out, taps[:, None, None, :], 1, valid)[0]  # vertical
 
 
-def _chips(image: jax.Array, transforms: jax.Array, size: tuple[int, int]) -> jax.Array:
-    return jax.vmap(lambda m: warp_affine(image, m, size))(transforms)
+def _chips(image: jax.Array, transforms: jax.Array, size: tuple[int, int], supersample: int = 1) -> jax.Array:
+    """``[F, h, w, C]`` chips; with ``supersample = s > 1``, box-filtered from an ``s``-times
+    denser bilinear grid (sample ``u`` sits at chip coordinate ``(u + 0.5) / s - 0.5``)."""
+    s = int(supersample)
+    if s == 1:
+        return jax.vmap(lambda m: warp_affine(image, m, size))(transforms)
+    o = (1.0 / s - 1.0) / 2.0
+    fine = jnp.asarray([[1.0 / s, 0.0, o], [0.0, 1.0 / s, o], [0.0, 0.0, 1.0]], jnp.float32)
+    dense = jax.vmap(lambda m: warp_affine(image, m @ fine, (size[0] * s, size[1] * s)))(transforms)
+    f, _, _, c = dense.shape
+    return jnp.mean(dense.reshape(f, size[0], s, size[1], s, c), axis=(2, 4))
 
 
 def _l2_normalise(x: jax.Array) -> jax.Array:
@@ -117,7 +140,7 @@ def _l2_normalise(x: jax.Array) -> jax.Array:
 
 def lowkey_features(model: Model, image: jax.Array, transforms: jax.Array) -> jax.Array:
     """LowKey features ``[F, D]``: L2-normalised (embed(chip) + embed(flipped chip))."""
-    return _features_of_chips(model, _chips(image, transforms, model.chip_size))
+    return _features_of_chips(model, _chips(image, transforms, model.chip_size, model.supersample))
 
 
 def _features_of_chips(model: Model, chips: jax.Array) -> jax.Array:
@@ -195,7 +218,7 @@ def objective(
     terms = []
     for name, model in models.items():
         # Both branches' chips go through the network in one call: [branches * F] chips.
-        chips = jnp.concatenate([_chips(b, geometry.transforms[name], model.chip_size) for b in branches])
+        chips = jnp.concatenate([_chips(b, geometry.transforms[name], model.chip_size, model.supersample) for b in branches])
         feats = _features_of_chips(model, chips).reshape(len(branches), -1, targets[name].shape[-1])
         for f in feats:
             terms.append(feature_distance(f, targets[name], geometry.mask))

@@ -210,3 +210,28 @@ def test_four_cpu_devices_equal_one(shared, tmp_path):
         assert f"devices {n}" in proc.stdout
         outs[n] = np.load(dest)
     assert np.array_equal(outs[1], outs[4])
+
+
+def test_supersampled_chips_box_filter_large_faces_and_match_plain_warp_at_s1():
+    from lowkey_jax.align import warp_affine
+    from lowkey_jax.attack import MAX_SUPERSAMPLE, supersample_factor
+    from lowkey_jax.objective import _chips
+
+    # A 1-pixel checkerboard seen through a chip at 3 photo pixels per chip pixel.
+    yy, xx = np.mgrid[0:200, 0:200]
+    board = jnp.asarray(np.repeat(((yy + xx) % 2).astype(np.float32)[..., None], 3, axis=2))
+    t = jnp.asarray([[[3.0, 0.0, 20.0], [0.0, 3.0, 20.0]]], jnp.float32)
+    plain = _chips(board, t, (40, 40), 1)
+    np.testing.assert_array_equal(np.asarray(plain[0]), np.asarray(warp_affine(board, t[0], (40, 40))))
+    # Plain bilinear sampling aliases (every sample lands on a 0 or a 1); the box filter sees the mean.
+    assert float(jnp.std(plain)) > 0.45
+    boxed = _chips(board, t, (40, 40), 3)
+    assert abs(float(jnp.mean(boxed)) - 0.5) < 0.02 and float(jnp.std(boxed)) < 0.12
+    # The static factor: working pixels per chip pixel of the largest real face, rounded up.
+    ts = np.zeros((2, 2, 2, 3))
+    ts[0, 0, :, :2] = 2.5 * np.eye(2)
+    ts[0, 1, :, :2] = 9.0 * np.eye(2)  # a padding slot: ignored
+    ts[1, 0, :, :2] = 0.5 * np.eye(2)
+    assert supersample_factor(ts, np.array([[1.0, 0.0], [1.0, 0.0]])) == 3
+    assert supersample_factor(ts[1:], np.array([[1.0, 0.0]])) == 1
+    assert supersample_factor(ts, np.ones((2, 2))) == MAX_SUPERSAMPLE

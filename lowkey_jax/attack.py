@@ -65,6 +65,9 @@ class Config:
       batch_size: photos per compiled call.
       lpips_max_side: the whole-photo LPIPS term is computed on the photo downscaled to at
         most this many pixels (see ``objective.lpips_term``).
+      jitter: expectation over alignment: each step sees every chip shifted by up to this
+        fraction of its size and scaled by up to ``1 +- jitter`` (0: off, as the reference).
+        A scraper re-detects faces in the cloaked photo, and its boxes move by a few percent.
     """
 
     steps: int = 50
@@ -80,6 +83,7 @@ class Config:
     max_side: int = 1024
     batch_size: int = 4
     lpips_max_side: int = 512
+    jitter: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "models", tuple(self.models))
@@ -92,6 +96,8 @@ class Config:
             raise ValueError("step_size must be > 0, init_range and alpha >= 0")
         if self.max_side < 64:
             raise ValueError("max_side must be at least 64")
+        if not 0.0 <= self.jitter < 0.5:
+            raise ValueError("jitter must be in [0, 0.5)")
         if self.blur_kernel < 1 or self.blur_kernel % 2 == 0:
             raise ValueError("blur_kernel must be a positive odd integer")
 
@@ -317,6 +323,22 @@ class Attack:
         return (np.asarray(delta)[:n], np.asarray(distance)[:n], np.asarray(lp)[:n])
 
 
+def _jitter(geom: Geometry, key: jax.Array, amount: float, models: dict[str, Model]) -> Geometry:
+    """Each face's chip shifted by up to ``amount`` of the chip size and scaled by up to
+    ``1 +- amount`` about the chip centre, independently per recogniser and face."""
+    out = {}
+    for n, (name, t) in enumerate(sorted(geom.transforms.items())):
+        h, w = models[name].chip_size
+        u = jax.random.uniform(jax.random.fold_in(key, n), (t.shape[0], 3), jnp.float32, -amount, amount)
+        s, dx, dy = 1.0 + u[:, 0], u[:, 1] * w, u[:, 2] * h
+        cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
+        zero = jnp.zeros_like(s)
+        j = jnp.stack([jnp.stack([s, zero, cx - s * cx + dx], -1), jnp.stack([zero, s, cy - s * cy + dy], -1),
+                       jnp.stack([zero, zero, jnp.ones_like(s)], -1)], axis=1)  # [F, 3, 3] chip -> chip
+        out[name] = t @ j
+    return geom._replace(transforms=out)
+
+
 def _attack_batch(params, clean, pmask, geometry, keys, *, config: Config, graphdefs, chips):
     """[B, H, W, 3] clean photos -> (perturbation, final distance, final LPIPS), vmapped."""
     models = {
@@ -331,8 +353,8 @@ def _attack_batch(params, clean, pmask, geometry, keys, *, config: Config, graph
     def one(x, mask, geom, key):
         targets = jax.tree.map(jax.lax.stop_gradient, clean_features(models, x, geom))
 
-        def negative(delta):
-            loss, aux = objective(x + delta, x, geom, models, targets, lpips, **kwargs)
+        def negative(delta, g=geom):
+            loss, aux = objective(x + delta, x, g, models, targets, lpips, **kwargs)
             return -loss, aux
 
         delta = jax.random.uniform(key, x.shape, jnp.float32, -config.init_range, config.init_range) * mask
@@ -340,7 +362,10 @@ def _attack_batch(params, clean, pmask, geometry, keys, *, config: Config, graph
 
         def step(i, carry):
             delta, state = carry
-            grad, _ = jax.grad(negative, has_aux=True)(delta)
+            g = geom
+            if config.jitter > 0:  # a fresh small misalignment each step (see Config.jitter)
+                g = _jitter(geom, jax.random.fold_in(jax.random.fold_in(key, 1), i), config.jitter, models)
+            grad, _ = jax.grad(negative, has_aux=True)(delta, g)
             updates, state = optimiser.update(grad * mask, state, delta)
             jax.debug.callback(_report_step, i + 1, config.steps)
             return optax.apply_updates(delta, updates), state

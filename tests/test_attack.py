@@ -235,3 +235,20 @@ def test_supersampled_chips_box_filter_large_faces_and_match_plain_warp_at_s1():
     assert supersample_factor(ts, np.array([[1.0, 0.0], [1.0, 0.0]])) == 3
     assert supersample_factor(ts[1:], np.array([[1.0, 0.0]])) == 1
     assert supersample_factor(ts, np.ones((2, 2))) == MAX_SUPERSAMPLE
+
+
+def test_alignment_jitter_is_bounded_and_fresh_each_step():
+    from lowkey_jax.attack import _jitter
+
+    t = jnp.asarray(np.tile(np.array([[2.0, 0.0, 50.0], [0.0, 2.0, 40.0]], np.float32), (3, 1, 1)))
+    geom = Geometry({"sface": t}, t, jnp.ones((3,), jnp.float32), jnp.float32(1.0))
+    models = {"sface": Model(lambda c: c, (112, 112))}
+    centre = jnp.asarray([55.5, 55.5, 1.0], jnp.float32)
+    a = _jitter(geom, jax.random.key(0), 0.05, models).transforms["sface"]
+    b = _jitter(geom, jax.random.key(1), 0.05, models).transforms["sface"]
+    assert not np.allclose(np.asarray(a), np.asarray(b))
+    scale = np.asarray(a[:, 0, 0]) / 2.0
+    assert np.all(np.abs(scale - 1.0) <= 0.05 + 1e-6)
+    np.testing.assert_allclose(np.asarray(a[:, 0, 0]), np.asarray(a[:, 1, 1]))  # isotropic, no rotation
+    shift = (np.asarray(a @ centre) - np.asarray(t @ centre)) / 2.0  # in chip pixels
+    assert np.all(np.abs(shift) <= 0.05 * 112 + 1e-3) and np.max(np.abs(shift)) > 0.5

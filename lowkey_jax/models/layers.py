@@ -60,10 +60,18 @@ def _input_grad(g: jax.Array, w: jax.Array, x_shape, strides, padding) -> jax.Ar
     flipped = jax.lax.optimization_barrier(jnp.swapaxes(wp[::-1, ::-1], 2, 3))
     gs = jax.lax.conv_general_dilated(g, flipped, (1, 1), ((th - 1, th - 1), (tw - 1, tw - 1)), dimension_numbers=_NHWC)
     ph, pw = gs.shape[1:3]
-    gp = gs.reshape(n, ph, pw, sh, sw, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, ph * sh, pw * sw, c)
+    return _unphase(gs.reshape(n, ph, pw, sh, sw, c).transpose(0, 1, 3, 2, 4, 5), x_shape, padding)
+
+
+def _unphase(gp: jax.Array, shape, padding) -> jax.Array:
+    """``[N, ph, sh, pw, sw, C]`` stride phases of the gradient of the padded input ->
+    the gradient of the unpadded input, ``shape`` ``[N, H, W, C]``."""
+    n, h, w, c = shape
+    _, ph, sh, pw, sw, _ = gp.shape
+    gp = gp.reshape(n, ph * sh, pw * sw, c)
     (top, _), (left, _) = padding
-    gp = jnp.pad(gp, ((0, 0), (0, max(0, top + h - ph * sh)), (0, max(0, left + wd - pw * sw)), (0, 0)))
-    return gp[:, top : top + h, left : left + wd, :]
+    gp = jnp.pad(gp, ((0, 0), (0, max(0, top + h - ph * sh)), (0, max(0, left + w - pw * sw)), (0, 0)))
+    return gp[:, top : top + h, left : left + w, :]
 
 
 def _conv_bwd(strides, padding, residuals, g):
@@ -147,14 +155,7 @@ def _depthwise_fwd(x, kernel, strides, padding):
 def _interleave(phases: list[list[jax.Array]], shape, padding) -> jax.Array:
     """``phases[a][b]`` ``[N, ph, pw, C]``: rows ``a::sh``, columns ``b::sw`` of the
     gradient of the padded input. Interleaves them and crops to the unpadded ``shape``."""
-    n, h, w, c = shape
-    sh, sw = len(phases), len(phases[0])
-    gp = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)  # [N, ph, sh, pw, sw, C]
-    ph, pw = gp.shape[1], gp.shape[3]
-    gp = gp.reshape(n, ph * sh, pw * sw, c)
-    (top, _), (left, _) = padding
-    gp = jnp.pad(gp, ((0, 0), (0, max(0, top + h - ph * sh)), (0, max(0, left + w - pw * sw)), (0, 0)))
-    return gp[:, top : top + h, left : left + w, :]
+    return _unphase(jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2), shape, padding)
 
 
 def _depthwise_bwd(strides, padding, residuals, g):

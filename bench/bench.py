@@ -227,8 +227,11 @@ def bench_gpu() -> list[dict]:
 
 def bench_buckets(folder: Path | None = None) -> dict:
     """How many times a folder of mixed photos compiles: the distinct (batch, bucket shape,
-    face slots) of ``cloak``'s grouping, from detection and preparation only."""
-    from lowkey_jax.attack import Config, prepare
+    face slots, chip supersampling) of ``cloak``'s grouping, from detection and preparation
+    only."""
+    import numpy as np
+
+    from lowkey_jax.attack import ANTIALIASED, Config, prepare, supersample_factor
     from lowkey_jax.face import face_slots
     from lowkey_jax.detect import detect_faces
     from lowkey_jax.imageio import read_image
@@ -242,19 +245,21 @@ def bench_buckets(folder: Path | None = None) -> dict:
         faces = detect_faces(img)
         if faces:
             p = prepare(n, img, faces, cfg)
-            groups.setdefault(p.bucket, []).append(len(faces))
+            groups.setdefault(p.bucket, []).append(p)
             n += 1
     shapes = set()
-    for bucket, counts in groups.items():
-        for i in range(0, len(counts), cfg.batch_size):
-            chunk = counts[i : i + cfg.batch_size]
-            shapes.add((len(chunk), *bucket, face_slots(max(chunk))))
+    for bucket, members in groups.items():
+        for i in range(0, len(members), cfg.batch_size):
+            chunk = members[i : i + cfg.batch_size]
+            ss = tuple(max(supersample_factor(p.transforms[m][None], np.ones((1, len(p.faces)))) for p in chunk)
+                       for m in ANTIALIASED)
+            shapes.add((len(chunk), *bucket, face_slots(max(len(p.faces) for p in chunk)), ss))
     return {"what": f"compiled attack shapes for {n} photos of {folder.name} (batch_size {cfg.batch_size}, max_side {cfg.max_side})",
             "photos": n, "buckets": len(groups), "compiled_shapes": len(shapes)}
 
 
 def bench_attack_large() -> dict:
-    """A 1024x1024 photo whose face spans ~600 pixels: FaceNet and dlib chips are then
+    """A 1024x1024 photo whose face spans ~400 pixels: FaceNet and dlib chips are then
     box-filtered from a denser grid (``objective.Model.supersample``), which costs more."""
     return bench_attack(1, 1024)
 

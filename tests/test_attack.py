@@ -1,7 +1,7 @@
 """The attack: objective purity, jit/vmap equivalence, progress, devices, determinism.
 
 These run the real models on real photos with few steps and a small working resolution
-to stay within CI time; the full-strength evaluation lives in bench/evaluate.py.
+to stay within CI time; the full-strength evaluation is ``lowkey-jax evaluate`` (report in docs/eval).
 """
 
 from __future__ import annotations

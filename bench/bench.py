@@ -188,18 +188,15 @@ def _attack_flops(cfg, p) -> float:
     ``fori_loop`` body once, so the steps are counted from the gradient program itself.)"""
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from lowkey_jax.objective import Geometry, Model, clean_features, objective
     from lowkey_jax.perceptual import load_lpips
     from lowkey_jax.recognizers import load_recognizer
 
-    from lowkey_jax.attack import ANTIALIASED, supersample_factor
+    from lowkey_jax.attack import chip_supersampling
 
-    ones = np.ones((1, len(p.faces)))
-    models = {n: Model(load_recognizer(n).embed, load_recognizer(n).input_size,
-                       supersample_factor(p.transforms[n][None], ones) if n in ANTIALIASED else 1)
-              for n in cfg.models}
+    ss = dict(chip_supersampling([p], cfg.models))
+    models = {n: Model(load_recognizer(n).embed, load_recognizer(n).input_size, ss.get(n, 1)) for n in cfg.models}
     lpips = load_lpips("alex")
     x = jnp.asarray(p.working)
     geom = Geometry({k: jnp.asarray(v) for k, v in p.transforms.items()}, jnp.asarray(p.lpips_transforms),
@@ -229,9 +226,7 @@ def bench_buckets(folder: Path | None = None) -> dict:
     """How many times a folder of mixed photos compiles: the distinct (batch, bucket shape,
     face slots, chip supersampling) of ``cloak``'s grouping, from detection and preparation
     only."""
-    import numpy as np
-
-    from lowkey_jax.attack import ANTIALIASED, Config, prepare, supersample_factor
+    from lowkey_jax.attack import Config, chip_supersampling, prepare
     from lowkey_jax.face import face_slots
     from lowkey_jax.detect import detect_faces
     from lowkey_jax.imageio import read_image
@@ -251,9 +246,8 @@ def bench_buckets(folder: Path | None = None) -> dict:
     for bucket, members in groups.items():
         for i in range(0, len(members), cfg.batch_size):
             chunk = members[i : i + cfg.batch_size]
-            ss = tuple(max(supersample_factor(p.transforms[m][None], np.ones((1, len(p.faces)))) for p in chunk)
-                       for m in ANTIALIASED)
-            shapes.add((len(chunk), *bucket, face_slots(max(len(p.faces) for p in chunk)), ss))
+            shapes.add((len(chunk), *bucket, face_slots(max(len(p.faces) for p in chunk)),
+                        chip_supersampling(chunk, cfg.models)))
     return {"what": f"compiled attack shapes for {n} photos of {folder.name} (batch_size {cfg.batch_size}, max_side {cfg.max_side})",
             "photos": n, "buckets": len(groups), "compiled_shapes": len(shapes)}
 

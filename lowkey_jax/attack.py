@@ -254,6 +254,17 @@ def supersample_factor(transforms: np.ndarray, mask: np.ndarray) -> int:
     scale = np.where(np.asarray(mask) > 0, scale, 0.0)
     return int(np.clip(math.ceil(float(np.max(scale)) - 1e-6), 1, MAX_SUPERSAMPLE))
 
+
+def chip_supersampling(items: Sequence[Prepared], models: Sequence[str]) -> tuple[tuple[str, int], ...]:
+    """``((model, factor), ...)`` for a batch of prepared photos: the static setting its
+    compiled attack uses (one compile per distinct value)."""
+    out = []
+    for m in ANTIALIASED:
+        if m in models:
+            t = np.concatenate([p.transforms[m] for p in items])[None]
+            out.append((m, supersample_factor(t, np.ones(t.shape[:2]))))
+    return tuple(out)
+
 _progress_hook: list[Callable[[int, int], None] | None] = [None]
 
 
@@ -316,8 +327,7 @@ class Attack:
             jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.seed), _photo_seed(p.image)), restart)
             for p in padded
         ])
-        ss = tuple((m, supersample_factor(geometry.transforms[m], mask=geometry.mask)) for m in ANTIALIASED
-                   if m in self.config.models)
+        ss = chip_supersampling(items, self.config.models)
         self.compiled_shapes.add((len(padded), *bucket, slots, ss))
         delta, distance, lp = self._compiled(ss)(self.params, *self._put((clean, pmask, geometry, keys)))
         return (np.asarray(delta)[:n], np.asarray(distance)[:n], np.asarray(lp)[:n])

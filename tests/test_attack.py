@@ -235,6 +235,15 @@ def test_supersampled_chips_box_filter_large_faces_and_match_plain_warp_at_s1():
     assert supersample_factor(ts, np.array([[1.0, 0.0], [1.0, 0.0]])) == 3
     assert supersample_factor(ts[1:], np.array([[1.0, 0.0]])) == 1
     assert supersample_factor(ts, np.ones((2, 2))) == MAX_SUPERSAMPLE
+    # Per batch of prepared photos: the largest real face of each antialiasing model.
+    from types import SimpleNamespace
+
+    from lowkey_jax.attack import chip_supersampling
+
+    photos = [SimpleNamespace(transforms={"dlib": ts[0, :1], "facenet": ts[1, :1], "sface": ts[0, 1:]}),
+              SimpleNamespace(transforms={"dlib": ts[1, :1], "facenet": ts[1, :1], "sface": ts[0, 1:]})]
+    assert chip_supersampling(photos, ("dlib", "facenet", "sface")) == (("dlib", 3), ("facenet", 1))
+    assert chip_supersampling(photos, ("sface",)) == ()
 
 
 def test_alignment_jitter_is_bounded_and_fresh_each_step():

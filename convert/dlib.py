@@ -56,7 +56,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.dlib_serialize import DlibSerializationError, Reader
+from .dlib_serialize import DlibSerializationError, Reader
 from lowkey_jax.models.dlib_resnet import EMBED_DIM, INPUT_MEANS, STAGES
 from lowkey_jax.models.dlib_resnet import INPUT_SIZE as _INPUT_SIZE
 

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.dlib_serialize import DlibSerializationError, Reader
+from .dlib_serialize import DlibSerializationError, Reader
 
 __all__ = ["convert_shape_predictor", "read_shape_predictor"]
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.protobuf import as_str, first, message, packed_floats, packed_varints
+from .protobuf import as_str, first, message, packed_floats, packed_varints
 from lowkey_jax.models import facenet as fn
 
 __all__ = [

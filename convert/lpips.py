@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.pickles import load_numpy_pickle, load_torch
+from .pickles import load_numpy_pickle, load_torch
 
 # source key -> (module key, transform). Transforms name layout changes done once here.
 _ALEX_CONVS = 5

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.pickles import load_torch
+from .pickles import load_torch
 
 __all__ = ["convert", "KEY_MAP"]
 

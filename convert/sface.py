@@ -52,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.protobuf import as_str, first, message, packed_floats, packed_varints
+from .protobuf import as_str, first, message, packed_floats, packed_varints
 from lowkey_jax.models.sface import FEATURE_SHAPE, LAYERS, PIXEL_MEAN, PIXEL_SCALE, EMBED_DIM
 
 __all__ = ["OnnxNode", "OnnxGraph", "read_onnx", "dequantize_blocked", "dequantized_weights", "convert", "KEY_MAP"]

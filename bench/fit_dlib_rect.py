@@ -18,9 +18,11 @@ from dlib's rectangle, in % of the inter-ocular distance.
     python bench/fit_dlib_rect.py --out docs/dlib_rect_fit.json
 
 Sets (``$LOWKEY_SHARED``, default ../shared):
-- ``faces/celebs``: the 61 labelled photos. This is where the constants were fitted (and it is
-  also where the thresholds and the evaluation run), so the script also reports 2-fold
-  cross-validation (fit on even photos, test on odd, and back).
+- ``faces/celebs``: every photo of the folder (the 61 labelled ones plus the multi-face
+  ``couple.jpg`` and ``selfie-many-people.jpg``; ``--labelled-only`` for the 61). This is where
+  the constants were fitted (and the labelled photos are also where the thresholds and the
+  evaluation run), so the script also reports 2-fold cross-validation (fit on even photos,
+  test on odd, and back).
 - ``faces/johns``: 55 dlib face chips (150x150, padding 0.25) of 5 other people, from dlib's
   own examples. They are chips, not photos: each is padded by 75 px of grey so that both
   detectors see the whole face, and the faces are small, upright and centred. It is an
@@ -126,9 +128,13 @@ def _summary(err: np.ndarray) -> dict:
             "median_pct": round(float(np.median(err)), 3), "worst_pct": round(float(err.max()), 3)}
 
 
-def celebs_images(shared: Path):
-    for p in load_dataset(shared / "faces" / "celebs"):
-        yield p.path.name, read_image(p.path).rgb
+def celebs_images(shared: Path, labelled_only: bool = False):
+    """Every photo of faces/celebs (``labelled_only``: the 61 of labels.csv)."""
+    folder = shared / "faces" / "celebs"
+    paths = ([p.path for p in load_dataset(folder)] if labelled_only
+             else sorted(p for p in folder.iterdir() if p.suffix.lower() == ".jpg"))
+    for path in paths:
+        yield path.name, read_image(path).rgb
 
 
 def johns_images(shared: Path):
@@ -137,16 +143,17 @@ def johns_images(shared: Path):
         yield f"{path.parent.name}/{path.name}", np.pad(chip, ((JOHNS_PAD,) * 2, (JOHNS_PAD,) * 2, (0, 0)), constant_values=128)
 
 
-def report(shared: Path) -> dict:
+def report(shared: Path, labelled_only: bool = False) -> dict:
     mods = _dlib()
     const = (align.DLIB_RECT_CENTER.copy(), float(align.DLIB_RECT_SIDE))
     out: dict = {"rule": "centre = m + a e + b n, side = s |e| (lowkey_jax/align.py dlib_rect)",
                  "constants_in_align_py": {"a": float(const[0][0]), "b": float(const[0][1]), "s": const[1]}}
 
-    celebs = collect(celebs_images(shared), mods)
+    celebs = collect(celebs_images(shared, labelled_only), mods)
     center, side = fit(celebs)
     out["celebs"] = {
-        "photos": len({f["name"] for f in celebs}),
+        "photos": len({f["name"] for f in celebs}), "faces": len(celebs),
+        "photo_set": "labels.csv only" if labelled_only else "every .jpg in the folder",
         "refit": {"a": round(float(center[0]), 6), "b": round(float(center[1]), 6), "s": round(side, 6)},
         "landmark_error_with_align_py_constants": _summary(landmark_errors(celebs, *const)),
     }
@@ -171,8 +178,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", type=Path, default=SHARED)
     ap.add_argument("--out", type=Path, help="also write the report as JSON")
+    ap.add_argument("--labelled-only", action="store_true", help="fit on the 61 photos of labels.csv only")
     args = ap.parse_args()
-    res = report(args.shared)
+    res = report(args.shared, args.labelled_only)
     text = json.dumps(res, indent=1)
     print(text)
     if args.out:

@@ -52,7 +52,7 @@ Recognisers (:data:`CHIP_SIZE`):
 dlib's face rectangle from an MTCNN face
   dlib's 5-point model was trained on the boxes of dlib's HOG face detector
   (``get_frontal_face_detector``). :func:`dlib_rect` predicts such a box from the MTCNN
-  face by a similarity-invariant rule fitted on real photos (the 61 celebs photos):
+  face by a similarity-invariant rule fitted on real photos (the 64 celebs photos):
   centre ``= m + a e + b n`` with ``(a, b) = DLIB_RECT_CENTER``, side ``= DLIB_RECT_SIDE |e|``, where ``m``
   is the mean of the 5 MTCNN landmarks, ``e`` the vector from the image-left eye to the
   image-right eye and ``n`` = ``e`` rotated by +90 degrees (pointing down the face).
@@ -121,7 +121,7 @@ FACENET_MARGIN = 32
 
 #: dlib HOG-detector rectangle from MTCNN landmarks (see the module docstring): centre offset
 #: from the landmark mean in the (eye vector, down vector) frame, and side / eye distance.
-#: Fitted (medians) on the 68 faces of the 61 celebs photos that both dlib's HOG detector
+#: Fitted (medians) on the 68 faces of the 64 celebs photos that both dlib's HOG detector
 #: (upsample 1 below 1200 px, else 0) and :func:`lowkey_jax.detect.detect_faces` find
 #: (IoU >= 0.3). With these rectangles :mod:`lowkey_jax.shape_predictor` puts dlib's 5
 #: landmarks on average 0.61 % (median 0.58 %, worst 1.96 %) of the inter-ocular distance
@@ -130,6 +130,7 @@ FACENET_MARGIN = 32
 #: side in centre and ~7 % in size (the cascade is robust to that). A box-based rule
 #: (centre and side from ``Face.box``) was as good on average (0.58 %) but worse in
 #: cross-validation (worst 3.28 %); this rule is also invariant to in-plane rotation.
+#: Reproduced, and checked on the johns chips, by bench/fit_dlib_rect.py (docs/dlib_rect_fit.json).
 DLIB_RECT_CENTER = np.array([-0.028312, -0.016365], dtype=np.float64)
 DLIB_RECT_SIDE = 2.321962
 

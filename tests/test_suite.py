@@ -38,3 +38,24 @@ def test_missing_dependency_probe():
     """Stands for a parity test whose reference implementation is not installed."""
     if "LOWKEY_SHARED" in os.environ and Path(os.environ["LOWKEY_SHARED"]).name == "nowhere":
         pytest.importorskip("a_test_dependency_that_is_not_installed")
+
+
+def test_fit_reports_match_the_constants_in_the_code():
+    """The committed reports of bench/fit_dlib_rect.py and bench/check_thresholds.py describe
+    the constants the code uses now (rerun those scripts after changing a constant)."""
+    import json
+
+    import numpy as np
+
+    from lowkey_jax import align
+    from lowkey_jax.pipeline import thresholds
+
+    fit = json.loads((ROOT / "docs" / "dlib_rect_fit.json").read_text())
+    used = fit["constants_in_align_py"]
+    assert np.allclose([used["a"], used["b"], used["s"]], [*align.DLIB_RECT_CENTER, align.DLIB_RECT_SIDE], atol=1e-6)
+    refit = fit["celebs"]["refit"]
+    assert np.allclose([refit["a"], refit["b"], refit["s"]], [*align.DLIB_RECT_CENTER, align.DLIB_RECT_SIDE], atol=1e-6)
+    johns = json.loads((ROOT / "docs" / "thresholds_johns.json").read_text())
+    th = thresholds()
+    for name, t in johns["stored_thresholds"].items():
+        assert abs(t - th[name]) < 1e-9, f"docs/thresholds_johns.json is stale for {name}"

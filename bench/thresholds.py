@@ -3,6 +3,10 @@ photos (detect -> align -> embed with this package's own pipeline) and write the
 lowkey_jax/thresholds.json, which `lowkey-jax compare` and reports use.
 
     python bench/thresholds.py [DATA]      # default: ../shared/faces/celebs
+
+Provenance: the stored thresholds are fitted on the 61 labelled celebs photos, the same
+photos the evaluation uses. tests/test_pipeline.py recomputes them and fails on drift;
+bench/check_thresholds.py checks them on the johns chips (docs/thresholds_johns.json).
 """
 
 from __future__ import annotations

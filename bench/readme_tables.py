@@ -14,7 +14,8 @@ After a new benchmark or evaluation run:
 
 Blocks (the name after ``BEGIN:``): ``benchmarks`` (models, detection), ``benchmarks-attack``
 (the attack, with the matmul peak measured in the same run), ``evaluation`` (protection per
-recogniser) and ``evaluation-quality`` (LPIPS / SSIM / PSNR). Text outside the markers is
+recogniser), ``evaluation-robustness`` (after JPEG / downscaling / blur) and
+``evaluation-quality`` (LPIPS / SSIM / PSNR). Text outside the markers is
 left alone; a missing field in the JSON is an error naming the file and the field.
 """
 
@@ -122,11 +123,13 @@ def render_evaluation(data: dict, src: Path = EVAL_JSON) -> str:
     """Protection per recogniser: before/after white-box, same-photo check, leave-one-out."""
     models = list(_get(data, src, "before"))
     n = _get(data, src, "photos")
-    lines = [f"{n} photos, {_get(data, src, 'identities')} identities, {_get(data, src, 'probes')} clean probes "
+    lines = [f"{n} photos, {_get(data, src, 'identities')} identities, {_get(data, src, 'probes')} clean probes; "
+             f"{_sig(_get(data, src, 'white_box', 'seconds_per_photo'))} s per cloaked photo "
              f"(source: [`docs/eval/{src.name}`](docs/eval/{src.name})).", "",
              "| recogniser | rank-1 before -> after | match rate before -> after (white-box) | "
-             f"clean vs cloaked below threshold (all photos) | match rate, attack never saw it (leave-one-out) |",
-             "|---|---|---|---|---|"]
+             "clean vs cloaked below threshold (all photos) | attack never saw it (leave-one-out): "
+             "match rate | same, clean vs cloaked below threshold (gallery photos) |",
+             "|---|---|---|---|---|---|"]
     for m in models:
         before = _get(data, src, "before", m)
         after = _get(data, src, "white_box", "protection", "none", m)
@@ -134,11 +137,32 @@ def render_evaluation(data: dict, src: Path = EVAL_JSON) -> str:
         k = len(_get(same, src, "values"))
         below = round(_get(same, src, "below_threshold") * k)
         transfer = data.get("transfer", {}).get(m)
-        loo = f"{_get(transfer, src, 'protection', 'none', 'match_rate'):.2f}" if transfer else "not run"
+        if transfer:
+            none = _get(transfer, src, "protection", "none")
+            cos = _get(none, src, "clean_vs_cloaked_cosine")
+            t = _get(data, src, "thresholds", m)
+            hit = sum(c < t for c in cos)
+            loo = f"{_get(none, src, 'match_rate'):.2f} | {hit / len(cos):.0%} ({hit}/{len(cos)})"
+        else:
+            loo = "not run | not run"
         lines.append(f"| {_name(m)} | {before['rank1']:.2f} -> {after['rank1']:.2f} | "
                      f"{before['match_rate']:.2f} -> {after['match_rate']:.2f} | "
                      f"{_get(same, src, 'below_threshold'):.1%} ({below}/{k}), mean cosine {_get(same, src, 'mean'):.2f} | "
                      f"{loo} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_robustness(data: dict, src: Path = EVAL_JSON) -> str:
+    """Match rate after the cloaked gallery photos are post-processed."""
+    wb = _get(data, src, "white_box", "protection")
+    kinds = list(wb)
+    lines = ["| match rate after post-processing | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
+    for m in _get(data, src, "before"):
+        lines.append(f"| {_name(m)} (white-box) | " + " | ".join(f"{_get(wb, src, k, m, 'match_rate'):.2f}" for k in kinds) + " |")
+    for m, t in data.get("transfer", {}).items():
+        pr = _get(t, src, "protection")
+        lines.append(f"| {_name(m)} (attack never saw it) | "
+                     + " | ".join(f"{_get(pr, src, k, 'match_rate'):.2f}" for k in kinds) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -161,6 +185,7 @@ BLOCKS: dict[str, tuple[Path, Callable[[dict, Path], str]]] = {
     "benchmarks-attack": (BENCH_JSON, render_attack),
     "evaluation": (EVAL_JSON, render_evaluation),
     "evaluation-quality": (EVAL_JSON, render_quality),
+    "evaluation-robustness": (EVAL_JSON, render_robustness),
 }
 
 

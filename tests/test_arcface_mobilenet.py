@@ -132,6 +132,8 @@ def test_parity_with_litert_on_aligned_faces(tflite_path, chips):
     ours = np.asarray(load_recognizer(NAME).embed(jnp.asarray(chips)))
     cos = np.sum(ref * ours, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(ours, axis=1))
     max_abs = float(np.abs(ref - ours).max())
+    print(f"arcface-mobilenet parity on {len(chips)} faces: min cosine {cos.min():.7f}, max-abs {max_abs:.2e}, "
+          f"max |ref| {np.abs(ref).max():.2f}")
     assert len(chips) >= 20
     assert cos.min() >= MIN_COS, f"min cosine {cos.min():.6f}"
     assert max_abs <= MAX_ABS, f"max-abs {max_abs:.2e} (|ref| up to {np.abs(ref).max():.2f})"

@@ -47,6 +47,7 @@ def test_leave_one_out_rank1_identification(name, celebs, embeddings):
     np.fill_diagonal(s, -np.inf)  # each photo is a probe against all the others
     rank1 = float(np.mean(labels[np.argmax(s, axis=1)] == labels))
     need = RANK1_MIN.get(name, 0.95)
+    print(f"{name}: leave-one-out rank-1 {rank1:.4f} over {len(labels)} photos")
     assert rank1 >= need, f"{name}: leave-one-out rank-1 {rank1:.3f} < {need}"
 
 
@@ -55,6 +56,7 @@ def test_equal_error_rate(name, celebs, embeddings):
     """All photo pairs, cosine scores: the EER of the added recognisers through our pipeline."""
     scores, same = pair_scores(embeddings[name], [p.identity for p, _, _ in celebs])
     _, eer = eer_threshold(scores, same)
+    print(f"{name}: EER {eer:.4f}")
     assert eer <= EER_MAX[name], f"{name}: EER {eer:.4f} > {EER_MAX[name]}"
 
 

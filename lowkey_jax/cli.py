@@ -564,6 +564,35 @@ def evaluate_command(
         typer.echo(f"{kind}: {path}")
 
 
+@app.command("serve")
+def serve_command(
+    host: Annotated[str, typer.Option("--host", help="Address to listen on. The default serves this computer only; another address exposes the page (and your photos' processing) to your network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port.")] = 8000,
+    no_browser: Annotated[bool, typer.Option("--no-browser", help="Do not open the page in a browser.")] = False,
+    device: Annotated[Device | None, typer.Option("--device", case_sensitive=False, help="JAX platform (default: the best available).")] = None,
+) -> None:
+    """Open a local web page to cloak photos: drop photos, pick a level, watch, download.
+
+    Everything runs on this computer; nothing is fetched from elsewhere. The page shows each photo before and after (slider, 1:1 zoom per face), each recogniser's similarity to the original against its threshold, and downloads each photo or all as a zip, with the same file handling as `cloak` (metadata stripped, colour profile kept, same format). Needs the web extra: pip install "lowkey-jax\\[web]".
+
+    Examples:
+      lowkey-jax serve          # opens http://127.0.0.1:8000/
+      lowkey-jax serve --port 8765 --no-browser
+    """
+    try:
+        import lowkey_jax.web.app  # noqa: F401 - fails without the web extra
+    except ImportError as e:
+        typer.echo(f"error: the web app needs the web extra ({e.name or e} is missing): pip install \"lowkey-jax[web]\"", err=True)
+        raise typer.Exit(EXIT_FAILED) from None
+    try:
+        select_device(Device(device).value if device is not None else None)
+    except _Usage as e:
+        _usage(str(e))
+    from lowkey_jax.web import serve
+
+    serve(host=host, port=port, open_browser=not no_browser)
+
+
 def main() -> None:
     app()
 

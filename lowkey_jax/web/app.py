@@ -40,6 +40,7 @@ import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import quote
 
 from PIL import Image
 from starlette.applications import Starlette
@@ -520,7 +521,7 @@ def create_app(*, allowed_hosts: set[str], cloak: Callable | None = None, levels
                 out.append(wj.public(service.queue_position(wj)))
         finally:
             await form.close()
-        accepted = any(j["state"] == "queued" for j in out)
+        accepted = any(j["state"] != "failed" for j in out)
         return JSONResponse({"batch": batch, "jobs": out}, status_code=202 if accepted else 422)
 
     async def list_jobs(request: Request) -> Response:
@@ -545,26 +546,35 @@ def create_app(*, allowed_hosts: set[str], cloak: Callable | None = None, levels
         service.cancel(wj)
         return JSONResponse(wj.public())
 
-    def image_response(request: Request, which: str, attachment: bool) -> Response:
+    async def image_response(request: Request, which: str, attachment: bool) -> Response:
         wj = get_job(request)
         files = service.files(wj) if wj is not None else None
-        if files is None:
+        data = None
+        if files is not None:
+            path = files[0] if which == "original" else files[1]
+            try:  # read into memory: the file may be deleted right after this download
+                data = await run_in_threadpool(path.read_bytes)
+            except FileNotFoundError:
+                data = None
+        if data is None:
             return err("not available: not cloaked (yet), or already deleted after download or expiry", 404)
-        path = files[0] if which == "original" else files[1]
         media = _VIEW_TYPES.get(path.suffix.lower(), "application/octet-stream")
+        headers = {}
         if attachment:
             service.mark_downloaded(wj)
-            return FileResponse(path, media_type=media, filename=wj.output_name())
-        return FileResponse(path, media_type=media)
+            name = wj.output_name() or "cloaked"
+            ascii_name = name.encode("ascii", "replace").decode().replace("?", "_")
+            headers["content-disposition"] = f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(name)}"
+        return Response(data, media_type=media, headers=headers)
 
     async def original(request: Request) -> Response:
-        return image_response(request, "original", False)
+        return await image_response(request, "original", False)
 
     async def cloaked(request: Request) -> Response:
-        return image_response(request, "cloaked", False)
+        return await image_response(request, "cloaked", False)
 
     async def download(request: Request) -> Response:
-        return image_response(request, "cloaked", True)
+        return await image_response(request, "cloaked", True)
 
     async def zip_batch(request: Request) -> Response:
         batch = request.path_params["batch"]
@@ -575,7 +585,7 @@ def create_app(*, allowed_hosts: set[str], cloak: Callable | None = None, levels
         if not ready:
             return err("nothing to download in this batch (yet)", 404)
 
-        def build() -> bytes:
+        def build() -> bytes:  # in memory: the files may be deleted right after this download
             buf = io.BytesIO()
             used: set[str] = set()
             with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:  # photos are compressed already
@@ -585,7 +595,10 @@ def create_app(*, allowed_hosts: set[str], cloak: Callable | None = None, levels
                         k += 1
                         name = f"{path.stem}-{k}{path.suffix}"
                     used.add(name.lower())
-                    z.write(path, name)
+                    try:
+                        z.write(path, name)
+                    except FileNotFoundError:  # deleted (expired) meanwhile
+                        continue
             return buf.getvalue()
 
         data = await run_in_threadpool(build)

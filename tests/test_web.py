@@ -426,6 +426,6 @@ def test_real_cloak_of_a_real_photo(make_client):
     assert any(s == "cloaking" for s, _ in seen)
     d = c.get(f"/api/jobs/{jid}/download")
     out = Image.open(io.BytesIO(d.content))
-    src = Image.open(REAL_PHOTO)
-    assert out.format == "JPEG" and out.size == src.size
-    assert np.abs(np.asarray(out.convert("RGB"), np.int16) - np.asarray(src.convert("RGB"), np.int16)).max() > 0
+    with Image.open(REAL_PHOTO) as src:
+        assert out.format == "JPEG" and out.size == src.size
+        assert np.abs(np.asarray(out.convert("RGB"), np.int16) - np.asarray(src.convert("RGB"), np.int16)).max() > 0

@@ -79,13 +79,15 @@ def test_browser_uploads_waits_for_the_verdict_and_downloads(server, tmp_path):
     url, service = server
 
     # The upload: a real photo, with GPS in its EXIF that must not survive.
-    src = Image.open(PHOTO).convert("RGB")
+    with Image.open(PHOTO) as im:
+        src = im.convert("RGB")
     exif = Image.Exif()
     exif.get_ifd(GPS)[2] = (48.0, 51.0, 30.0)
     upload = tmp_path / "me.jpg"
     src.save(upload, "JPEG", quality=95, exif=exif.tobytes())
-    assert GPS in Image.open(upload).getexif()
-    original = np.asarray(Image.open(upload).convert("RGB"), np.int16)
+    with Image.open(upload) as im:
+        assert GPS in im.getexif()
+        original = np.asarray(im.convert("RGB"), np.int16)
 
     shot = Path(os.environ.get("LOWKEY_WEB_SCREENSHOT") or tmp_path / "web.png")
     profile = tmp_path / "chromium-profile"
@@ -124,11 +126,12 @@ def test_browser_uploads_waits_for_the_verdict_and_downloads(server, tmp_path):
         finally:
             ctx.close()
 
-    out = Image.open(got)
-    assert out.format == "JPEG" and out.size == src.size
-    assert GPS not in out.getexif() and not out.getexif()
-    cloaked = np.asarray(out.convert("RGB"), np.int16)
+    with Image.open(got) as out:
+        assert out.format == "JPEG" and out.size == src.size
+        assert GPS not in out.getexif() and not out.getexif()
+        cloaked = np.asarray(out.convert("RGB"), np.int16)
     assert np.abs(cloaked - original).max() > 0  # the cloak changed pixels
     assert np.abs(cloaked - original).mean() < 10  # ... and only slightly
-    assert Image.open(shot).size[0] >= 1000
+    with Image.open(shot) as im:
+        assert im.size[0] >= 1000
     shutil.rmtree(profile, ignore_errors=True)

@@ -529,6 +529,7 @@ def create_app(*, allowed_hosts: set[str], cloak: Callable | None = None, levels
         if not batch:
             return err("give ?batch=<id>", 400)
         with service.cond:
+            service._sweep()  # also while the worker is busy with a long attack
             items = [j.public(service.queue_position(j)) for j in service.jobs.values() if j.batch == batch]
         return JSONResponse({"batch": batch, "jobs": items})
 

@@ -6,7 +6,8 @@ downloads one (PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1). Without it the test is skipp
 under CI (``CI=true``, set by .ci/run, which installs chromium), where it fails.
 
 The page is saved as ``web.png`` in the test's temporary folder, or where
-``LOWKEY_WEB_SCREENSHOT`` points (how docs/web.png is made).
+``LOWKEY_WEB_SCREENSHOT`` points; then the real ``--level`` presets are used (how
+docs/web.png is made: ``LOWKEY_WEB_SCREENSHOT=/tmp/web.png pytest tests/test_web_e2e.py``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ PHOTO = SHARED / "faces" / "celebs" / "img25.jpg"  # 400x400, one face
 # Few steps keep the test short on a CPU; the same setting as test_web.py's real cloak, so
 # the compiled attack is shared within one pytest run.
 LEVELS = {"low": {"steps": 3, "alpha": 0.10}}
+if os.environ.get("LOWKEY_WEB_SCREENSHOT"):  # the README's picture: the real presets ("low": 25 steps)
+    from lowkey_jax.jobs import LEVELS
 GPS = 0x8825
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]

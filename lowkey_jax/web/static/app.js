@@ -213,11 +213,14 @@ function showResult(card, j) {
     if (Array.isArray(v)) { perFace[key] = v; continue; }
     const dt = document.createElement("dt"), dd = document.createElement("dd");
     const [label, help] = QUALITY[key] || [key.replace(/_/g, " "), ""];
-    dt.textContent = label; dd.textContent = fmt(v) + (help ? `  (${help})` : "");
+    dt.textContent = label; dd.textContent = fmt(v);
+    if (help) { const small = document.createElement("small"); small.textContent = help; dd.append(" ", small); }
     dl.append(dt, dd);
   }
   const dt = document.createElement("dt"), dd = document.createElement("dd");
-  dt.textContent = "time"; dd.textContent = `${fmt(res.seconds, 1)} s`;
+  const small = document.createElement("small");
+  small.textContent = "including compilation for the first photo of a size";
+  dt.textContent = "time"; dd.append(`${fmt(res.seconds, 1)} s `, small);
   dl.append(dt, dd);
 
   // Faces: a 1:1 crop of the original and the cloaked photo around each face.

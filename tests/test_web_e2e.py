@@ -12,7 +12,6 @@ docs/web.png is made: ``LOWKEY_WEB_SCREENSHOT=/tmp/web.png pytest tests/test_web
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import socket

@@ -499,6 +499,8 @@ def create_app(*, allowed_hosts: set[str], cloak: Callable | None = None, levels
         try:
             form = await request.form(max_files=lim.max_files + 1, max_fields=10)
         except Exception as e:  # noqa: BLE001 - a malformed body is the client's error
+            if "too many files" in str(getattr(e, "detail", e)).lower():
+                return err(f"too many files: at most {lim.max_files} per request", 413)
             return err(f"cannot read the upload ({getattr(e, 'detail', None) or type(e).__name__}): send multipart/form-data with field 'file'", 400)
         try:
             files = [f for f in form.getlist("file") if hasattr(f, "read")]

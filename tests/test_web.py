@@ -407,7 +407,14 @@ REAL_LEVELS = {"low": {"steps": 3, "alpha": 0.10}}
 def test_real_cloak_of_a_real_photo(make_client):
     if not REAL_PHOTO.is_file():
         pytest.fail(f"missing {REAL_PHOTO}: set LOWKEY_SHARED")
-    c = make_client(cloak=None, levels=REAL_LEVELS)
+    from lowkey_jax.attack import cloak as real_cloak
+
+    stages = []
+
+    def recorded(images, config, *, progress, stage):  # the real attack, stages noted
+        return real_cloak(images, config, progress=progress, stage=lambda n: (stages.append(n), stage(n)))
+
+    c = make_client(cloak=recorded, levels=REAL_LEVELS)
     data = REAL_PHOTO.read_bytes()
     r = c.post("/api/cloak", files={"file": ("img25.jpg", data, "image/jpeg")}, data={"level": "low"})
     assert r.status_code == 202, r.text
@@ -428,6 +435,13 @@ def test_real_cloak_of_a_real_photo(make_client):
         assert rec["verdict"] in ("would no longer match", "would still match")
     assert 0 < res["quality"]["lpips"] < 0.5 and res["quality"]["psnr"] > 25
     assert any(s == "cloaking" for s, _ in seen)
+    # attack.cloak's stage hook: detecting, then compiling (new shape) or cloaking, checking
+    assert stages[0] == "detecting" and stages[1] in ("compiling", "cloaking") and stages[-1] == "checking", stages
+    with Image.open(REAL_PHOTO) as im:
+        rgb = np.asarray(im.convert("RGB"))
+    again = []
+    real_cloak([rgb], c.service.config("low"), stage=again.append, evaluate=False)
+    assert again == ["detecting", "cloaking"]  # compiled above: no "compiling"; no check asked
     d = c.get(f"/api/jobs/{jid}/download")
     out = Image.open(io.BytesIO(d.content))
     with Image.open(REAL_PHOTO) as src:

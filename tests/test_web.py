@@ -191,6 +191,15 @@ def test_zip_of_a_batch_and_names_by_content(make_client):
         assert sorted(zf.namelist()) == ["a_cloaked.png", "b_cloaked.jpg", "webp-named_cloaked.webp"]
         assert Image.open(io.BytesIO(zf.read("webp-named_cloaked.webp"))).format == "WEBP"
         assert Image.open(io.BytesIO(zf.read("a_cloaked.png"))).size == (64, 48)
+    # a second batch from the same page: one zip of both, same names made unique
+    r2 = c.post("/api/cloak", files={"file": ("a.png", png_bytes(40, 40), "image/png")})
+    assert wait(c, r2.json()["jobs"][0]["id"], done)["state"] == "cloaked"
+    z = c.get("/api/zip", params=[("batch", r.json()["batch"]), ("batch", r2.json()["batch"])])
+    with zipfile.ZipFile(io.BytesIO(z.content)) as zf:
+        names = zf.namelist()
+        assert len(names) == 4 and "a_cloaked-2.png" in names
+        assert sorted(Image.open(io.BytesIO(zf.read(n))).size for n in ("a_cloaked.png", "a_cloaked-2.png")) == [(40, 40), (64, 48)]
+    assert c.get("/api/zip", params={"batch": "nope"}).status_code == 404
 
 
 def _webp() -> bytes:

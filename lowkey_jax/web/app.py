@@ -580,9 +580,11 @@ def create_app(*, allowed_hosts: set[str], cloak: Callable | None = None, levels
         return await image_response(request, "cloaked", True)
 
     async def zip_batch(request: Request) -> Response:
-        batch = request.path_params["batch"]
+        """The cloaked photos of one batch (``/api/batches/{batch}/zip``) or of several
+        (``/api/zip?batch=a&batch=b``) as one zip."""
+        batches = {request.path_params["batch"]} if "batch" in request.path_params else set(request.query_params.getlist("batch"))
         with service.cond:
-            members = [j for j in service.jobs.values() if j.batch == batch]
+            members = [j for j in service.jobs.values() if j.batch in batches]
         ready = [(j, service.files(j)) for j in members]
         ready = [(j, f[1]) for j, f in ready if f is not None]
         if not ready:
@@ -621,6 +623,7 @@ def create_app(*, allowed_hosts: set[str], cloak: Callable | None = None, levels
         Route("/api/jobs/{job}/cloaked", cloaked),
         Route("/api/jobs/{job}/download", download),
         Route("/api/batches/{batch}/zip", zip_batch),
+        Route("/api/zip", zip_batch),
         Mount("/static", app=StaticFiles(directory=STATIC), name="static"),
     ]
 

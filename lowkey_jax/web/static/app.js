@@ -21,7 +21,7 @@ const ZOOM_MAX = 224; // px of each 1:1 face crop
 
 let chosen = [];
 let info = null;
-let batch = null;
+const batches = []; // every batch sent from this page, oldest first
 let timer = null;
 const cards = new Map();
 
@@ -83,11 +83,7 @@ async function start() {
   }
   if (!body.jobs) { say(body.error || `Upload refused (${r.status})`); $("#go").disabled = false; return; }
   say("");
-  batch = body.batch;
-  $("#photos").replaceChildren();
-  cards.clear();
-  $("#zip").hidden = true;
-  $("#zip").href = `/api/batches/${batch}/zip`;
+  batches.push(body.batch);
   $("#progress").hidden = false;
   for (const j of body.jobs) update(j);
   chosen = []; $("#files").value = ""; $("#count").textContent = "";
@@ -96,13 +92,17 @@ async function start() {
 
 async function poll() {
   clearTimeout(timer);
-  if (!batch) return;
+  if (!batches.length) return;
   try {
-    const r = await fetch(`/api/jobs?batch=${encodeURIComponent(batch)}`);
-    const body = await r.json();
-    for (const j of body.jobs || []) update(j);
-    overall(body.jobs || []);
-    if ((body.jobs || []).some((j) => j.state === "queued" || j.state === "running")) {
+    const jobs = [];
+    for (const b of batches) {
+      const r = await fetch(`/api/jobs?batch=${encodeURIComponent(b)}`);
+      const body = await r.json();
+      jobs.push(...(body.jobs || []));
+    }
+    for (const j of jobs) update(j);
+    overall(jobs);
+    if (jobs.some((j) => j.state === "queued" || j.state === "running")) {
       timer = setTimeout(poll, 600);
     } else {
       $("#go").disabled = chosen.length === 0;
@@ -118,9 +118,13 @@ function overall(jobs) {
   for (const j of jobs) if (j.state === "running" && j.total) frac += 0.9 * (j.step / j.total);
   $("#overall-bar").max = Math.max(jobs.length, 1);
   $("#overall-bar").value = frac;
-  const ok = jobs.filter((j) => j.state === "cloaked").length;
-  $("#overall-text").textContent = `${done} of ${jobs.length} done` + (ok ? `, ${ok} cloaked` : "");
-  $("#zip").hidden = !jobs.some((j) => j.available);
+  const count = (state) => jobs.filter((j) => j.state === state).length;
+  const parts = [["cloaked", "cloaked"], ["no_face", "without a face"], ["failed", "failed"], ["cancelled", "cancelled"]]
+    .filter(([s]) => count(s)).map(([s, label]) => `${count(s)} ${label}`);
+  $("#overall-text").textContent = `${done} of ${jobs.length} done` + (parts.length ? ` (${parts.join(", ")})` : "");
+  const ready = [...new Set(jobs.filter((j) => j.available).map((j) => j.batch))];
+  $("#zip").hidden = ready.length === 0;
+  $("#zip").href = "/api/zip?" + ready.map((b) => `batch=${encodeURIComponent(b)}`).join("&");
 }
 
 function stateText(j) {

@@ -146,10 +146,6 @@ def _safe_name(filename: str | None) -> str:
     return base or "photo"
 
 
-def _reason(e: ImageError) -> str:
-    return e.reason
-
-
 class Service:
     """The queue, the worker thread and the private storage behind the app."""
 
@@ -351,7 +347,7 @@ class Service:
         except Cancelled:
             wj.state, wj.error = "cancelled", None
         except ImageError as e:
-            wj.state, wj.error = "failed", _reason(e)
+            wj.state, wj.error = "failed", e.reason  # the reason only: no private paths
         except Exception as e:  # noqa: BLE001 - one photo's failure never stops the server
             if wj.cancel.is_set():  # raised through the compiled loop by a cancel
                 wj.state, wj.error = "cancelled", None

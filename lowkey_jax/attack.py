@@ -267,6 +267,13 @@ def chip_supersampling(items: Sequence[Prepared], models: Sequence[str]) -> tupl
     return tuple(out)
 
 _progress_hook: list[Callable[[int, int], None] | None] = [None]
+_stage_hook: list[Callable[[str], None] | None] = [None]
+
+
+def _report_stage(name: str) -> None:
+    hook = _stage_hook[0]
+    if hook is not None:
+        hook(name)
 
 
 def _report_step(step, total):
@@ -329,7 +336,9 @@ class Attack:
             for p in padded
         ])
         ss = chip_supersampling(items, self.config.models)
-        self.compiled_shapes.add((len(padded), *bucket, slots, ss))
+        shape = (len(padded), *bucket, slots, ss)
+        _report_stage("cloaking" if shape in self.compiled_shapes else "compiling")
+        self.compiled_shapes.add(shape)
         delta, distance, lp = self._compiled(ss)(self.params, *self._put((clean, pmask, geometry, keys)))
         return (np.asarray(delta)[:n], np.asarray(distance)[:n], np.asarray(lp)[:n])
 
@@ -431,6 +440,7 @@ def cloak(
     *,
     progress: Callable[[int, int], None] | None = None,
     evaluate: bool = True,
+    stage: Callable[[str], None] | None = None,
 ) -> list[Result]:
     """Cloak photos against face recognition.
 
@@ -439,6 +449,9 @@ def cloak(
       config: attack settings (defaults: the released LowKey code's).
       progress: optional ``callback(step, total_steps)`` called during each batch.
       evaluate: measure per-recogniser similarity, LPIPS and PSNR (slower).
+      stage: optional ``callback(name)`` called when a stage starts: ``"detecting"``,
+        then per batch ``"compiling"`` (a new compiled shape; its steps follow) or
+        ``"cloaking"``, then ``"checking"`` (the similarity measurement).
     Returns:
       One :class:`Result` per input, in order. Photos without a face come back unchanged
       with ``no_face=True``.
@@ -446,6 +459,8 @@ def cloak(
     config = config or Config()
     arrays = [_as_uint8(im) for im in images]
     results: list[Result | None] = [None] * len(arrays)
+    if stage is not None:
+        stage("detecting")
     prepared: list[Prepared] = []
     for i, img in enumerate(arrays):
         faces = detect_faces(img)
@@ -459,7 +474,7 @@ def cloak(
     groups: dict[tuple, list[Prepared]] = {}
     for p in prepared:
         groups.setdefault(p.bucket, []).append(p)
-    _progress_hook[0] = progress
+    _progress_hook[0], _stage_hook[0] = progress, stage
     try:
         for bucket, members in groups.items():
             for start in range(0, len(members), config.batch_size):
@@ -482,8 +497,10 @@ def cloak(
                         working_shape=p.working.shape[:2],
                     )
     finally:
-        _progress_hook[0] = None
+        _progress_hook[0] = _stage_hook[0] = None
     if evaluate:
+        if stage is not None:
+            stage("checking")
         for p in prepared:
             r = results[p.index]
             te = time.perf_counter()

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, NoReturn, Optional
@@ -17,16 +15,12 @@ import numpy as np
 import typer
 
 from lowkey_jax._version import __version__
-from lowkey_jax.imageio import (
-    ImageError,
-    LoadedImage,
-    atomic_write_bytes,
-    is_cloaked_output,
-    output_path,
-    read_image,
-    sniff_format,
-    write_image,
-)
+from lowkey_jax.imageio import ImageError, LoadedImage, read_image, write_image
+from lowkey_jax.jobs import LEVELS, PHOTO_SUFFIXES, RECOGNIZER_NAMES, Job, collect_inputs  # noqa: F401 - re-exported
+from lowkey_jax.jobs import jsonable as _jsonable
+from lowkey_jax.jobs import plan as _plan
+from lowkey_jax.jobs import store_result as _store_result
+from lowkey_jax.jobs import write_report as _write_report
 from lowkey_jax.store import WeightsError
 
 app = typer.Typer(
@@ -107,22 +101,8 @@ def weights(
 
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-RECOGNIZER_NAMES = ("dlib", "facenet", "sface")  # the default ensemble
 # Every recogniser --models accepts: lowkey_jax.recognizers.RECOGNIZERS (not imported here: jax).
 KNOWN_RECOGNIZERS = (*RECOGNIZER_NAMES, "facenet128", "arcface-mobilenet")
-
-# --level presets. "mid" is the LowKey authors' released setting; explicit --steps/--alpha win.
-LEVELS: dict[str, dict[str, float | int]] = {
-    "low": {"steps": 25, "alpha": 0.10},
-    "mid": {"steps": 50, "alpha": 0.05},
-    "high": {"steps": 100, "alpha": 0.025},
-}
-
-# Files taken from folders (explicitly named files are always tried, whatever their name).
-PHOTO_SUFFIXES = frozenset({
-    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".gif", ".bmp", ".dib", ".tif", ".tiff",
-    ".mpo", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".qoi", ".jp2", ".j2k", ".jpx", ".avif", ".heic", ".heif",
-})
 
 _EXIT_CODES_HELP = (
     "Exit codes: 0 every photo was cloaked, had no face (reported, not written) or was skipped "
@@ -215,140 +195,6 @@ def _device_line() -> str:
     return f"{jax.default_backend()} ({len(devs)} x {devs[0].device_kind})"
 
 
-def _versions() -> dict[str, str | None]:
-    from importlib import metadata
-
-    out: dict[str, str | None] = {"lowkey-jax": __version__, "python": sys.version.split()[0]}
-    for dist in ("jax", "jaxlib", "flax", "numpy", "pillow"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
-
-
-def _finite(x):
-    """JSON-safe floats: inf/nan become None."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, (np.floating, float)):
-        return _finite(float(obj))
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    return obj
-
-
-@dataclasses.dataclass
-class Job:
-    """One input photo and what became of it (a row of the --report)."""
-
-    input: Path
-    output: Path | None = None
-    status: str = "pending"  # cloaked | no_face | skipped | failed
-    reason: str | None = None
-    size: tuple[int, int] | None = None  # (width, height)
-    format: str | None = None
-    faces: list = dataclasses.field(default_factory=list)
-    similarity: dict = dataclasses.field(default_factory=dict)
-    detected_after: list = dataclasses.field(default_factory=list)
-    lpips: float | None = None
-    psnr: float | None = None
-    seconds: float | None = None
-    notes: list[str] = dataclasses.field(default_factory=list)
-    out_dir: Path | None = dataclasses.field(default=None, repr=False)
-
-    def record(self) -> dict:
-        d = dataclasses.asdict(self)
-        d.pop("out_dir")
-        return _jsonable(d)
-
-
-def collect_inputs(paths: Sequence[Path], output_dir: Path | None, recursive: bool) -> tuple[list[Job], int]:
-    """Expand files and folders into jobs (inputs in order, duplicates removed).
-
-    Folders contribute their files with a photo suffix (``PHOTO_SUFFIXES``), sorted, hidden
-    files and folders excluded; sub-folders only with ``recursive`` (their structure is
-    mirrored under ``output_dir``). Outputs of this tool (``*_cloaked.*``) found in folders
-    are left out and counted; named explicitly they become skipped jobs. A path that does not
-    exist becomes a failed job.
-
-    Returns:
-      ``(jobs, number of *_cloaked files left out of folders)``.
-    """
-    jobs: list[Job] = []
-    ignored = 0
-    seen: set[Path] = set()
-
-    def add(p: Path, out_dir: Path | None) -> None:
-        key = p.resolve()
-        if key in seen:
-            return
-        seen.add(key)
-        jobs.append(Job(input=p, out_dir=out_dir))
-
-    for root in paths:
-        if root.is_dir():
-            if recursive:
-                walk = sorted(
-                    (Path(d), sorted(f)) for d, dirs, f in os.walk(root) if not any(part.startswith(".") for part in Path(d).relative_to(root).parts)
-                )
-            else:
-                walk = [(root, sorted(f.name for f in root.iterdir() if f.is_file()))]
-            for folder, names in walk:
-                rel = folder.relative_to(root)
-                out_dir = (output_dir / rel) if output_dir is not None else None
-                for name in names:
-                    f = folder / name
-                    if name.startswith(".") or f.suffix.lower() not in PHOTO_SUFFIXES or not f.is_file():
-                        continue
-                    if is_cloaked_output(f):
-                        ignored += 1
-                        continue
-                    add(f, out_dir)
-        elif root.exists() or root.is_symlink():
-            add(root, output_dir)
-        else:
-            jobs.append(Job(input=root, status="failed", reason="no such file or folder"))
-    return jobs, ignored
-
-
-def _plan(job: Job, fmt: str, overwrite: bool, planned: dict[Path, Path]) -> None:
-    """Decide the output path; mark the job skipped/failed when it must not be cloaked."""
-    if job.status != "pending":
-        return
-    if is_cloaked_output(job.input):
-        job.status, job.reason = "skipped", "already a cloaked output (name ends in _cloaked)"
-        return
-    source_format = sniff_format(job.input)
-    try:
-        out = output_path(job.input, job.out_dir, format=fmt, source_format=source_format or "")
-    except ValueError as e:
-        job.status, job.reason = "failed", str(e)
-        return
-    job.output = out
-    key = out.resolve()
-    if key in planned:
-        job.status, job.reason = "failed", f"output name {out} collides with the output of {planned[key]}"
-        return
-    planned[key] = job.input
-    if not overwrite and (out.exists() or out.is_symlink()):
-        job.status, job.reason = "skipped", f"output {out} already exists (use --overwrite to redo it)"
-
-
 def _run_attack(images: list[np.ndarray], config, progress):
     """The attack (``lowkey_jax.attack.cloak``), imported lazily. Tests may replace this."""
     from lowkey_jax.attack import cloak as _cloak
@@ -362,39 +208,6 @@ def _make_config(**kw):
     return Config(**kw)
 
 
-def _store_result(job: Job, loaded: LoadedImage, result, fmt: str, quality: int, keep_metadata: bool, overwrite: bool) -> None:
-    job.faces = [f.to_dict() for f in getattr(result, "faces", [])]
-    if getattr(result, "no_face", False):
-        job.status, job.reason = "no_face", "no face found; nothing written"
-        job.output = None
-        job.seconds = float(getattr(result, "seconds", 0.0))
-        return
-    image = np.asarray(result.image)
-    if image.shape != loaded.rgb.shape or image.dtype != np.uint8:
-        job.status, job.reason = "failed", f"internal error: cloaked image is {image.dtype}{list(image.shape)}, input {list(loaded.rgb.shape)}"
-        return
-    job.similarity = {k: [float(v) for v in vs] for k, vs in getattr(result, "similarity", {}).items()}
-    job.detected_after = [bool(v) for v in getattr(result, "detected_after", [])]
-    job.lpips = float(result.lpips)
-    job.psnr = float(result.psnr)
-    job.seconds = float(result.seconds)
-    job.output.parent.mkdir(parents=True, exist_ok=True)  # mirrored sub-folder of --output
-    written = write_image(
-        job.output,
-        image,
-        alpha=loaded.alpha,
-        format=fmt,
-        source_format=loaded.format,
-        quality=quality,
-        icc_profile=loaded.icc_profile,
-        exif=loaded.exif,
-        keep_metadata=keep_metadata,
-        overwrite=overwrite,
-    )
-    job.notes.extend(written.notes)
-    job.status = "cloaked"
-
-
 def _line(job: Job) -> str:
     if job.status == "cloaked":
         sims = ", ".join(f"{k} {max(v):.2f}" for k, v in job.similarity.items() if v)
@@ -405,21 +218,6 @@ def _line(job: Job) -> str:
     text = job.reason or ""
     prefix = f"{job.input}: "
     return f"{label:8} {text if text.startswith(str(job.input)) else prefix + text}"
-
-
-def _write_report(path: Path, jobs: list[Job], settings: dict, config, device: str | None, elapsed: float, interrupted: bool, ignored: int = 0) -> None:
-    counts = {s: sum(j.status == s for j in jobs) for s in ("cloaked", "no_face", "skipped", "failed")}
-    report = {
-        "tool": "lowkey-jax",
-        "versions": _versions(),
-        "device": device,
-        "settings": settings,
-        "config": (dataclasses.asdict(config) if dataclasses.is_dataclass(config) else vars(config)) if config is not None else None,
-        "summary": {**counts, "total": len(jobs), "seconds": round(elapsed, 3), "interrupted": interrupted, "outputs_left_alone": ignored},
-        "photos": [j.record() for j in jobs],
-    }
-    data = json.dumps(_jsonable(report), indent=2, allow_nan=False).encode() + b"\n"
-    atomic_write_bytes(path, data, overwrite=True)
 
 
 @app.command("cloak", epilog=_EXIT_CODES_HELP)
@@ -769,6 +567,35 @@ def evaluate_command(
     paths = write_report(report, out, command=command)
     for kind, path in paths.items():
         typer.echo(f"{kind}: {path}")
+
+
+@app.command("serve")
+def serve_command(
+    host: Annotated[str, typer.Option("--host", help="Address to listen on. The default serves this computer only; another address exposes the page (and your photos' processing) to your network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port.")] = 8000,
+    no_browser: Annotated[bool, typer.Option("--no-browser", help="Do not open the page in a browser.")] = False,
+    device: Annotated[Device | None, typer.Option("--device", case_sensitive=False, help="JAX platform (default: the best available).")] = None,
+) -> None:
+    """Open a local web page to cloak photos: drop photos, pick a level, watch, download.
+
+    Everything runs on this computer; nothing is fetched from elsewhere. The page shows each photo before and after (slider, 1:1 zoom per face), each recogniser's similarity to the original against its threshold, and downloads each photo or all as a zip, with the same file handling as `cloak` (metadata stripped, colour profile kept, same format). Needs the web extra: pip install "lowkey-jax\\[web]".
+
+    Examples:
+      lowkey-jax serve          # opens http://127.0.0.1:8000/
+      lowkey-jax serve --port 8765 --no-browser
+    """
+    try:
+        import lowkey_jax.web.app  # noqa: F401 - fails without the web extra
+    except ImportError as e:
+        typer.echo(f"error: the web app needs the web extra ({e.name or e} is missing): pip install \"lowkey-jax[web]\"", err=True)
+        raise typer.Exit(EXIT_FAILED) from None
+    try:
+        select_device(Device(device).value if device is not None else None)
+    except _Usage as e:
+        _usage(str(e))
+    from lowkey_jax.web import serve
+
+    serve(host=host, port=port, open_browser=not no_browser)
 
 
 def main() -> None:

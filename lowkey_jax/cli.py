@@ -107,7 +107,9 @@ def weights(
 
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-RECOGNIZER_NAMES = ("dlib", "facenet", "sface")
+RECOGNIZER_NAMES = ("dlib", "facenet", "sface")  # the default ensemble
+# Every recogniser --models accepts: lowkey_jax.recognizers.RECOGNIZERS (not imported here: jax).
+KNOWN_RECOGNIZERS = (*RECOGNIZER_NAMES, "facenet128", "arcface-mobilenet")
 
 # --level presets. "mid" is the LowKey authors' released setting; explicit --steps/--alpha win.
 LEVELS: dict[str, dict[str, float | int]] = {
@@ -167,9 +169,9 @@ def _say(msg: str) -> None:
 
 def _parse_models(models: str) -> tuple[str, ...]:
     names = tuple(m.strip().lower() for m in models.split(",") if m.strip())
-    unknown = [m for m in names if m not in RECOGNIZER_NAMES]
+    unknown = [m for m in names if m not in KNOWN_RECOGNIZERS]
     if unknown or not names:
-        _usage(f"--models: unknown recogniser(s) {', '.join(unknown) or '(none given)'}; choose from {','.join(RECOGNIZER_NAMES)}")
+        _usage(f"--models: unknown recogniser(s) {', '.join(unknown) or '(none given)'}; choose from {','.join(KNOWN_RECOGNIZERS)}")
     return tuple(dict.fromkeys(names))
 
 
@@ -436,7 +438,7 @@ def cloak_command(
     level: Annotated[Level, typer.Option("--level", case_sensitive=False, help="Preset: low = 25 steps, alpha 0.10 (fastest, subtlest, weakest); mid = 50 steps, alpha 0.05 (the LowKey authors' setting); high = 100 steps, alpha 0.025 (strongest, slowest, most visible). --steps/--alpha override it.")] = Level.mid,
     steps: Annotated[int | None, typer.Option("--steps", min=0, help="Attack steps (default: from --level).")] = None,
     alpha: Annotated[float | None, typer.Option("--alpha", min=0.0, help="Weight of the LPIPS visibility penalty; higher = subtler (default: from --level).")] = None,
-    models: Annotated[str, typer.Option("--models", help="Recognisers to fool, comma-separated: dlib,facenet,sface.")] = ",".join(RECOGNIZER_NAMES),
+    models: Annotated[str, typer.Option("--models", help="Recognisers to fool, comma-separated, from dlib,facenet,sface,facenet128,arcface-mobilenet.")] = ",".join(RECOGNIZER_NAMES),
     max_side: Annotated[int, typer.Option("--max-side", min=64, help="Attack at most at this resolution (longest side); the cloak is upscaled to the full photo.")] = 1024,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Photos per compiled batch (more = faster on a GPU, more memory).")] = 4,
     format: Annotated[OutFormat, typer.Option("--format", case_sensitive=False, help="Output format: same (JPEG stays JPEG, WebP stays WebP, others become PNG), png or jpg.")] = OutFormat.same,

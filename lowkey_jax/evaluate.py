@@ -237,6 +237,7 @@ def evaluate(
     settings: Sequence[tuple[int, float]] = (),
     transfer: bool = True,
     cloak_all: bool = False,
+    graders: Sequence[str] = (),
     log: Callable[[str], None] = print,
 ) -> dict:
     """Run the protocol; returns a JSON-able dict with every number.
@@ -247,18 +248,22 @@ def evaluate(
       transfer: also cloak with each leave-one-out ensemble.
       cloak_all: cloak every photo in the main run (not only gallery photos), to report the
         clean-vs-cloaked similarity over the whole collection.
+      graders: recognisers outside the attack's ensemble that grade every cloaked set
+        too (``report["unseen"]``): transfer to networks the attack never saw.
     """
     config = config or Config()
     models = tuple(config.models)
+    unseen = tuple(g for g in graders if g not in models)
+    graded = models + unseen
     photos = load_dataset(Path(data), labels)
-    cs = clean_set(photos, models)
+    cs = clean_set(photos, graded)
     images, faces, kept, skipped, clean = cs.images, cs.faces, cs.photos, cs.skipped, cs.embeddings
     log(f"{len(kept)} photos with a face, {len(skipped)} skipped")
 
     # Thresholds at equal error rate on all clean pairs.
     labels_ = [p.identity for p in kept]
     thresholds, eers = {}, {}
-    for m in models:
+    for m in graded:
         s, same = pair_scores(np.stack([clean[p.path][m] for p in kept]), labels_)
         thresholds[m], eers[m] = eer_threshold(s, same)
 
@@ -284,12 +289,16 @@ def evaluate(
         "thresholds": thresholds, "eer": eers,
     }
     log("measuring clean protection baseline")
-    report["before"] = protection({}, models)["none"]
+    report["before"] = protection({}, graded)["none"]
 
     log(f"cloaking {'all' if cloak_all else len(gallery)} photos with {'+'.join(models)} (white-box)")
     main_targets = kept if cloak_all else gallery
     main, spp = cloak_set(config, main_targets)
-    report["white_box"] = {"seconds_per_photo": spp, "protection": protection(main, models), "quality": quality(main)}
+    prot = protection(main, graded)
+    report["white_box"] = {"seconds_per_photo": spp, "protection": {t: {m: v[m] for m in models} for t, v in prot.items()},
+                           "quality": quality(main)}
+    if unseen:
+        report["unseen"] = {"ensemble": models, "protection": {t: {m: v[m] for m in unseen} for t, v in prot.items()}}
     if cloak_all:
         sims = {m: [] for m in models}
         for p in kept:
@@ -412,6 +421,15 @@ def write_report(report: dict, out_dir: Path, command: str = "") -> dict[str, Pa
               "| recogniser | below threshold | mean cosine |", "|---|---|---|"]
         for m, v in wb["all_photos_clean_vs_cloaked"].items():
             L.append(f"| {m} | {v['below_threshold']:.1%} | {v['mean']:.3f} |")
+    if "unseen" in report:
+        un = report["unseen"]["protection"]
+        L += ["", "## Recognisers the attack never saw (not in the ensemble)", "",
+              "| recogniser | rank-1 before | rank-1 after | match rate before -> after (shipped point) | same, after halving + JPEG 75 |",
+              "|---|---|---|---|---|"]
+        for m in un["none"]:
+            b, a = report["before"][m], un["none"][m]
+            L.append(f"| {m} | {b['rank1']:.2f} | {a['rank1']:.2f} | {b.get('match_rate_shipped', float('nan')):.2f} -> "
+                     f"{a.get('match_rate_shipped', float('nan')):.2f} | {un[PLATFORM][m].get('match_rate_shipped', float('nan')):.2f} |")
     if "transfer" in report:
         L += ["", "## Transfer (leave-one-out: the attack never saw the recogniser)", "",
               "| held-out recogniser | ensemble | rank-1 after | match rate after |", "|---|---|---|---|"]

@@ -26,7 +26,7 @@ from lowkey_jax.recognizers import load_recognizer
 MEMBER = "facelib/facerec/feature_extraction/data/mobilenet_fp32.tflite"
 NAME = "arcface-mobilenet"
 MIN_COS = 0.9999
-MAX_ABS = 1e-4  # embeddings have entries up to ~1.5; measured max-abs about 6e-6
+MAX_ABS = 1e-4  # embedding entries up to ~2; measured 3.3e-6 on 26 celebs faces (min cosine 0.9999999)
 PHOTOS_PER_ID = 2
 
 

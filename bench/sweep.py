@@ -75,9 +75,11 @@ def cmd_cloak(names: list[str]) -> None:
     for name in names or list(SETTINGS):
         d = work_dir() / name
         meta = d / "meta.json"
-        if meta.is_file():
-            print(f"{name}: already cloaked ({d})")
+        if meta.is_file() or (d / "started").is_file():
+            print(f"{name}: already cloaked or being cloaked ({d})")
             continue
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "started").write_text(str(os.getpid()))
         cfg = Config(**SETTINGS[name])
         peak0 = matmul_peak()
         t = time.perf_counter()

@@ -33,9 +33,10 @@ from jax.sharding import PartitionSpec as P
 from lowkey_jax import align as _align
 from lowkey_jax.detect import detect_faces
 from lowkey_jax.face import Face, face_slots
-from lowkey_jax.objective import Geometry, Model, clean_features, objective
+from lowkey_jax.objective import Geometry, Model, budget_map, clean_features, gaussian_smooth, objective, to_rgb
 from lowkey_jax.perceptual import load_lpips
-from lowkey_jax.pipeline import psnr, similarities
+from lowkey_jax.pipeline import psnr, verdicts
+from lowkey_jax.quality import face_quality
 from lowkey_jax.recognizers import RECOGNIZERS, load_recognizer
 
 __all__ = ["Config", "Result", "Attack", "cloak", "prepare", "bucket_shape"]
@@ -69,6 +70,21 @@ class Config:
       jitter: expectation over alignment: each step sees every chip shifted by up to this
         fraction of its size and scaled by up to ``1 +- jitter`` (0: off, as the reference).
         A scraper re-detects faces in the cloaked photo, and its boxes move by a few percent.
+      epsilon: L-inf budget of the perturbation on [0, 1] images (e.g. 8/255), enforced after
+        every step by projection (``optax.projections.projection_box``). None: no budget, as
+        the reference (its size then follows from ``steps * step_size``).
+      chroma: None optimises the perturbation in RGB (the reference). A number optimises it
+        in (Y, Cb, Cr) coordinates, with colour steps and budget ``chroma`` times those of
+        luminance: 0 changes brightness only, keeping eye colour and skin tone.
+      texture: 0..1, strength of the just-noticeable-difference mask on the budget (see
+        ``objective.budget_map``): less change on smooth skin, more on hair and edges. Needs
+        ``epsilon``.
+      momentum: decay of the accumulated, L1-normalised gradient (MI-FGSM, Dong et al. 2018;
+        0: plain signed gradient as the reference). Momentum steadies the direction over
+        steps and is known to make small perturbations transfer better.
+      smooth_grad: sigma (pixels) of a Gaussian applied to the gradient before each step
+        (translation-invariant attack, Dong et al. 2019; 0: off). Yields lower-frequency
+        perturbations.
     """
 
     steps: int = 50
@@ -85,6 +101,11 @@ class Config:
     batch_size: int = 4
     lpips_max_side: int = 512
     jitter: float = 0.0
+    epsilon: float | None = None
+    chroma: float | None = None
+    texture: float = 0.0
+    momentum: float = 0.0
+    smooth_grad: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "models", tuple(self.models))
@@ -101,6 +122,18 @@ class Config:
             raise ValueError("jitter must be in [0, 0.5)")
         if self.blur_kernel < 1 or self.blur_kernel % 2 == 0:
             raise ValueError("blur_kernel must be a positive odd integer")
+        if self.epsilon is not None and not 0.0 < self.epsilon <= 1.0:
+            raise ValueError("epsilon must be in (0, 1] (a budget on [0, 1] images) or None")
+        if self.chroma is not None and not 0.0 <= self.chroma <= 2.0:
+            raise ValueError("chroma must be in [0, 2] or None")
+        if not 0.0 <= self.texture <= 1.0:
+            raise ValueError("texture must be in [0, 1]")
+        if self.texture > 0 and self.epsilon is None:
+            raise ValueError("texture shapes the budget: set epsilon as well")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError("momentum must be in [0, 1)")
+        if not 0.0 <= self.smooth_grad <= 10.0:
+            raise ValueError("smooth_grad must be in [0, 10] pixels")
 
 
 @dataclasses.dataclass
@@ -114,7 +147,13 @@ class Result:
       no_face: True when no face was found (the photo is returned unchanged).
       similarity: ``{recogniser: [cosine per face]}`` between the clean and the cloaked
         embeddings, each through that model's own detect + align + embed pipeline.
+      matched: ``{recogniser: [bool per face]}``: would that recogniser, at the threshold its
+        own software ships (``lowkey_jax.verification``), still match the cloaked face to the
+        clean one? False everywhere = protected.
       detected_after: per face, whether the detector still finds it in the cloaked photo.
+      face_quality: per face, how visible the cloak is where people look (the face box
+        grown by 30%, natively and at 224x224): PSNR, SSIM, L-inf, CIEDE2000 mean / 99th
+        percentile, LPIPS alex / vgg (``lowkey_jax.quality``).
       lpips: LPIPS-AlexNet between clean and cloaked photo (at working resolution).
       psnr: PSNR in dB between clean and cloaked photo (full resolution).
       distance: the final ensemble feature distance of the objective.
@@ -127,6 +166,8 @@ class Result:
     no_face: bool
     similarity: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     detected_after: list[bool] = dataclasses.field(default_factory=list)
+    matched: dict[str, list[bool]] = dataclasses.field(default_factory=dict)
+    face_quality: list[dict] = dataclasses.field(default_factory=list)
     lpips: float = 0.0
     psnr: float = float("inf")
     distance: float = 0.0
@@ -359,6 +400,30 @@ def _jitter(geom: Geometry, key: jax.Array, amount: float, models: dict[str, Mod
     return geom._replace(transforms=out)
 
 
+def _odd_kernel(sigma: float) -> int:
+    """Gaussian support: 2 * ceil(2 sigma) + 1 taps (at least 3)."""
+    return max(3, 2 * math.ceil(2.0 * sigma) + 1)
+
+
+def _normalise_l1() -> optax.GradientTransformation:
+    """Divide the gradient by its mean absolute value (MI-FGSM's normalisation)."""
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda g: g / jnp.maximum(jnp.mean(jnp.abs(g)), jnp.float32(1e-12)), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def _optimiser(config: Config) -> optax.GradientTransformation:
+    """Signed gradient descent on the negated objective (ascent on the objective), with
+    optional momentum over L1-normalised gradients (MI-FGSM)."""
+    parts = []
+    if config.momentum > 0:
+        parts += [_normalise_l1(), optax.trace(decay=config.momentum)]
+    return optax.chain(*parts, optax.scale_by_sign(), optax.scale(-config.step_size))
+
+
 def _attack_batch(params, clean, pmask, geometry, keys, *, config: Config, graphdefs, chips):
     """[B, H, W, 3] clean photos -> (perturbation, final distance, final LPIPS), vmapped."""
     models = {
@@ -366,32 +431,43 @@ def _attack_batch(params, clean, pmask, geometry, keys, *, config: Config, graph
         for name in config.models
     }
     lpips = nnx.merge(graphdefs["lpips"], params["lpips"])
-    optimiser = optax.chain(optax.scale_by_sign(), optax.scale(-config.step_size))
+    optimiser = _optimiser(config)
     kwargs = dict(alpha=config.alpha, blur=config.blur, blur_sigma=config.blur_sigma,
                   blur_kernel=config.blur_kernel, lpips_max_side=config.lpips_max_side)
 
     def one(x, mask, geom, key):
         targets = jax.tree.map(jax.lax.stop_gradient, clean_features(models, x, geom))
+        # z: the optimisation variables (RGB, or YCbCr offsets when config.chroma is set).
+        bound = None
+        if config.epsilon is not None:
+            bound = budget_map(x, config.epsilon, config.texture, config.chroma) * mask
 
-        def negative(delta, g=geom):
-            loss, aux = objective(x + delta, x, g, models, targets, lpips, **kwargs)
+        def negative(z, g=geom):
+            loss, aux = objective(x + to_rgb(z, config.chroma), x, g, models, targets, lpips, **kwargs)
             return -loss, aux
 
-        delta = jax.random.uniform(key, x.shape, jnp.float32, -config.init_range, config.init_range) * mask
-        state = optimiser.init(delta)
+        z = jax.random.uniform(key, x.shape, jnp.float32, -config.init_range, config.init_range) * mask
+        if bound is not None:
+            z = optax.projections.projection_box(z, -bound, bound)
+        state = optimiser.init(z)
 
         def step(i, carry):
-            delta, state = carry
+            z, state = carry
             g = geom
             if config.jitter > 0:  # a fresh small misalignment each step (see Config.jitter)
                 g = _jitter(geom, jax.random.fold_in(jax.random.fold_in(key, 1), i), config.jitter, models)
-            grad, _ = jax.grad(negative, has_aux=True)(delta, g)
-            updates, state = optimiser.update(grad * mask, state, delta)
+            grad, _ = jax.grad(negative, has_aux=True)(z, g)
+            if config.smooth_grad > 0:  # translation-invariant gradient (see Config.smooth_grad)
+                grad = gaussian_smooth(grad, config.smooth_grad, _odd_kernel(config.smooth_grad))
+            updates, state = optimiser.update(grad * mask, state, z)
             jax.debug.callback(_report_step, i + 1, config.steps)
-            return optax.apply_updates(delta, updates), state
+            z = optax.apply_updates(z, updates)
+            if bound is not None:
+                z = optax.projections.projection_box(z, -bound, bound)
+            return z, state
 
-        delta, _ = jax.lax.fori_loop(0, config.steps, step, (delta, state))
-        adv = jnp.clip(x + delta, 0.0, 1.0)
+        z, _ = jax.lax.fori_loop(0, config.steps, step, (z, state))
+        adv = jnp.clip(x + to_rgb(z, config.chroma), 0.0, 1.0)
         _, aux = objective(adv, x, geom, models, targets, lpips, **kwargs)
         whole_photo_lpips = lpips(adv[None], x[None])[0] * geom.lpips_scale
         return adv - x, aux["distance"], whole_photo_lpips
@@ -504,6 +580,8 @@ def cloak(
         for p in prepared:
             r = results[p.index]
             te = time.perf_counter()
-            r.similarity, r.detected_after = similarities(p.image, r.image, p.faces, config.models)
+            v = verdicts(p.image, r.image, p.faces, config.models)
+            r.similarity, r.matched, r.detected_after = v["similarity"], v["matched"], v["detected"]
+            r.face_quality = face_quality(p.image, r.image, p.faces)
             r.seconds += time.perf_counter() - te
     return results  # type: ignore[return-value]

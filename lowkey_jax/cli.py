@@ -213,6 +213,12 @@ def _line(job: Job) -> str:
         sims = ", ".join(f"{k} {max(v):.2f}" for k, v in job.similarity.items() if v)
         n = len(job.faces)
         extra = f"; similarity to the original {sims}" if sims else ""
+        if job.matched:
+            still = [k for k, v in job.matched.items() if any(v)]
+            extra += "; still matched by " + ", ".join(still) if still else "; no recogniser would match it"
+        if job.face_quality:
+            worst = min(job.face_quality, key=lambda q: q["crop224"]["psnr"])["crop224"]
+            extra += f"; face PSNR {worst['psnr']:.1f} dB, colour difference {worst['ciede2000_mean']:.2f} dE00"
         return f"cloaked  {job.input} -> {job.output} ({n} face{'s' if n != 1 else ''}{extra})"
     label = {"no_face": "no face", "skipped": "skipped", "failed": "FAILED"}[job.status]
     text = job.reason or ""
@@ -509,14 +515,22 @@ def compare_command(
         det = res.get("detected_after") or []
         if det:
             typer.echo("still detected after cloaking: " + ", ".join("yes" if d else "no" for d in det))
-        typer.echo(f"{'recogniser':<11} {'threshold':>9}  per face: similarity (match?)")
+        typer.echo(f"{'recogniser':<18} {'operating point':<22} per face: cosine similarity (match at the shipped point?)")
         for name, r in res["recognizers"].items():
+            op = r.get("operating_point") or {}
+            where = (f"{'dist <=' if op.get('metric') == 'euclidean' else 'cos >='} {op['threshold']:.3f}" if op else f"cos >= {r['threshold']:.3f} (EER)")
             cells = ", ".join(f"{s:.3f} ({'MATCH' if m else 'no'})" for s, m in zip(r["similarity"], r["matched"]))
-            typer.echo(f"{name:<11} {r['threshold']:>9.3f}  {cells}")
+            typer.echo(f"{name:<18} {where:<22} {cells}")
         still = [name for name, r in res["recognizers"].items() if any(r["matched"])]
         typer.echo("protected against every recogniser" if not still else f"still matched by: {', '.join(still)}")
+        typer.echo("how visible, on each face (box grown 30%, resized to 224x224 | native):")
+        for i, q in enumerate(res.get("face_quality", [])):
+            a, n = q["crop224"], q["native"]
+            typer.echo(f"  face {i + 1}: PSNR {a['psnr']:.1f} | {n['psnr']:.1f} dB, colour difference (CIEDE2000) mean "
+                       f"{a['ciede2000_mean']:.2f} p99 {a['ciede2000_p99']:.2f}, max change {n['linf']:.0f}/255, "
+                       f"LPIPS {a['lpips_alex']:.4f}, SSIM {a['ssim']:.4f}")
     p = res["psnr"]
-    typer.echo(f"LPIPS {res['lpips']:.4f}   PSNR {'inf' if not math.isfinite(p) else f'{p:.2f}'} dB   SSIM {res['ssim']:.4f}")
+    typer.echo(f"whole photo (secondary): LPIPS {res['lpips']:.4f}   PSNR {'inf' if not math.isfinite(p) else f'{p:.2f}'} dB   SSIM {res['ssim']:.4f}")
     if out is not None:
         typer.echo(f"side by side: {out}")
 
@@ -532,6 +546,7 @@ def evaluate_command(
     max_side: Annotated[int, typer.Option("--max-side", min=64, help="Working resolution of the attack.")] = 1024,
     transfer: Annotated[bool, typer.Option("--transfer/--no-transfer", help="Also cloak with each leave-one-out ensemble and test the held-out recogniser.")] = True,
     cloak_all: Annotated[bool, typer.Option("--cloak-all", help="Cloak every photo in the main run (slower) to report clean-vs-cloaked similarity over the whole set.")] = False,
+    graders: Annotated[str, typer.Option("--graders", help="Recognisers NOT in the attack that grade it too (transfer to unseen networks), comma-separated; '' for none.")] = "facenet128,arcface-mobilenet",
     device: Annotated[Device | None, typer.Option("--device", case_sensitive=False, help="JAX platform (default: the best available).")] = None,
 ) -> None:
     """Measure how well cloaking protects, on labelled photos.
@@ -539,8 +554,10 @@ def evaluate_command(
     Each identity's first photo is cloaked and put in the adversary's database (gallery);
     its other clean photos are the probes; other identities are distractors. Reports, per
     recogniser and before vs after: rank-1 identification and the match rate at the
-    equal-error-rate threshold; leave-one-out transfer to a recogniser the attack never saw;
-    robustness to JPEG 75, half-size downscaling and blur; LPIPS (alex, vgg), SSIM, PSNR.
+    recogniser's shipped operating point (and at the equal-error-rate threshold); the
+    --graders, which the attack never saw; leave-one-out transfer; robustness to JPEG 75,
+    half-size downscaling, blur, and halving + JPEG 75 (what platforms do); quality on the
+    faces (PSNR, SSIM, CIEDE2000, LPIPS on the face box grown 30%) and on the whole photo.
     Several --steps / --alpha values add points to a protection-vs-quality sweep.
 
     Example:  lowkey-jax evaluate ../shared/faces/celebs --out docs/eval
@@ -559,7 +576,7 @@ def evaluate_command(
     sweep = [(s, a) for s in steps for a in alphas if (s, a) != (steps[0], alphas[0])]
     try:
         report = evaluate(data, labels=labels, config=config, settings=sweep, transfer=transfer,
-                          cloak_all=cloak_all, log=_say)
+                          cloak_all=cloak_all, graders=_parse_models(graders) if graders.strip() else (), log=_say)
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)

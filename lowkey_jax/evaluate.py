@@ -36,6 +36,8 @@ from lowkey_jax.face import Face
 from lowkey_jax.imageio import ImageError, read_image
 from lowkey_jax.metrics import eer_threshold, pair_scores, paired_cosine, rank1_accuracy
 from lowkey_jax.pipeline import embed_faces, lpips_photos, match_faces, psnr, ssim
+from lowkey_jax.quality import face_quality, summarise
+from lowkey_jax.verification import matches, operating_points
 
 __all__ = ["Photo", "load_dataset", "evaluate", "write_report", "TRANSFORMS"]
 
@@ -89,7 +91,10 @@ TRANSFORMS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], float]] = {
     "jpeg75": (_jpeg, 1.0),
     "downscale0.5": (_half, 0.5),
     "blur1": (_blur, 1.0),
+    # What platforms do to uploads: halve, then re-encode as JPEG 75.
+    "half+jpeg75": (lambda x: _jpeg(_half(x)), 0.5),
 }
+PLATFORM = "half+jpeg75"
 
 
 def _scaled(face: Face, s: float) -> Face:
@@ -109,28 +114,21 @@ def _embed_main(img: np.ndarray, reference: Face, models: Sequence[str]) -> dict
     return {m: embed_faces(img, [face], m)[0] for m in models}
 
 
-def evaluate(
-    data: Path,
-    *,
-    labels: Path | None = None,
-    config: Config | None = None,
-    settings: Sequence[tuple[int, float]] = (),
-    transfer: bool = True,
-    cloak_all: bool = False,
-    log: Callable[[str], None] = print,
-) -> dict:
-    """Run the protocol; returns a JSON-able dict with every number.
+@dataclasses.dataclass
+class CleanSet:
+    """The readable photos of a labelled set with a face: each photo's subject (largest
+    face) and its clean native embedding per recogniser."""
 
-    Args:
-      config: the attack settings for the main (white-box) run.
-      settings: extra ``(steps, alpha)`` points for the protection/quality trade-off.
-      transfer: also cloak with each leave-one-out ensemble.
-      cloak_all: cloak every photo in the main run (not only gallery photos), to report the
-        clean-vs-cloaked similarity over the whole collection.
-    """
-    config = config or Config()
-    models = tuple(config.models)
-    photos = load_dataset(Path(data), labels)
+    photos: list[Photo]
+    images: dict[Path, np.ndarray]
+    faces: dict[Path, Face]
+    embeddings: dict[Path, dict[str, np.ndarray]]
+    skipped: list[dict]
+
+
+def clean_set(photos: Sequence[Photo], models: Sequence[str]) -> CleanSet:
+    """Read, detect and embed (each recogniser's own pipeline) every photo; unreadable
+    photos and photos without a face are listed in ``skipped`` with the reason."""
     images, faces, kept, skipped = {}, {}, [], []
     for p in photos:
         try:
@@ -144,21 +142,133 @@ def evaluate(
             continue
         images[p.path], faces[p.path] = img, _main_face(found)
         kept.append(p)
+    emb = {p.path: {m: embed_faces(images[p.path], [faces[p.path]], m)[0] for m in models} for p in kept}
+    return CleanSet(kept, images, faces, emb, skipped)
+
+
+def clean_embeddings(photos: Sequence[Photo], models: Sequence[str]) -> tuple[list[str], dict[str, np.ndarray], CleanSet]:
+    """``(identities, {recogniser: [N, D] embeddings}, clean set)`` of the photos with a face."""
+    cs = clean_set(photos, models)
+    labels = [p.identity for p in cs.photos]
+    return labels, {m: np.stack([cs.embeddings[p.path][m] for p in cs.photos]) for m in models}, cs
+
+
+def split_gallery(photos: Sequence[Photo]) -> tuple[list[Photo], list[Photo]]:
+    """Each identity's first photo (by file name) is its gallery photo, the others probes."""
+    by_id: dict[str, list[Photo]] = {}
+    for p in photos:
+        by_id.setdefault(p.identity, []).append(p)
+    gallery = [sorted(ps, key=lambda p: p.path.name)[0] for ps in by_id.values()]
+    probes = [p for ps in by_id.values() if len(ps) >= 2 for p in sorted(ps, key=lambda p: p.path.name)[1:]]
+    return gallery, probes
+
+
+def measure_protection(cs: CleanSet, gallery: Sequence[Photo], probes: Sequence[Photo], cloaked: dict[Path, np.ndarray],
+                       eval_models: Sequence[str], eer_thresholds: dict[str, float],
+                       transforms: Sequence[str] = tuple(TRANSFORMS)) -> dict:
+    """``{transform: {recogniser: {...}}}``: the adversary's database holds the gallery photos
+    (cloaked where ``cloaked`` has them), after each platform ``transform``; the clean probes
+    are matched against it. Per recogniser: rank-1 identification, the match rate of
+    (probe, own gallery photo) pairs at the shipped operating point (``match_rate_shipped``,
+    see :mod:`lowkey_jax.verification`; it decides) and at the EER threshold fitted on the
+    clean photos (``match_rate``), and each cloaked gallery photo's cosine to its clean self."""
+    g_ids = [p.identity for p in gallery]
+    own_of = {p.identity: p.path for p in gallery}
+    ops = operating_points()
+    out = {}
+    for tname in transforms:
+        fn, scale = TRANSFORMS[tname]
+        g_emb = {}
+        for p in gallery:
+            img = fn(cloaked[p.path]) if p.path in cloaked else fn(cs.images[p.path])
+            g_emb[p.path] = _embed_main(img, _scaled(cs.faces[p.path], scale), eval_models)
+        per_model = {}
+        for m in eval_models:
+            gal = np.stack([g_emb[p.path][m] for p in gallery])
+            prb = np.stack([cs.embeddings[p.path][m] for p in probes])
+            own = np.stack([g_emb[own_of[p.identity]][m] for p in probes])
+            cos = paired_cosine(prb, own)
+            self_sim = [float(paired_cosine(cs.embeddings[p.path][m], g_emb[p.path][m])) for p in gallery if p.path in cloaked]
+            per_model[m] = {
+                "rank1": rank1_accuracy(prb, [p.identity for p in probes], gal, g_ids),
+                "match_rate": float(np.mean(cos >= eer_thresholds[m])),
+                "probe_gallery_cosine_mean": float(np.mean(cos)),
+                "clean_vs_cloaked_cosine": self_sim,
+            }
+            if m in ops:
+                per_model[m]["match_rate_shipped"] = float(np.mean(matches(m, prb, own)))
+                per_model[m]["clean_vs_cloaked_shipped_match"] = [
+                    bool(matches(m, cs.embeddings[p.path][m], g_emb[p.path][m])) for p in gallery if p.path in cloaked]
+        out[tname] = per_model
+    return out
+
+
+def _stats(v: Sequence[float]) -> dict:
+    return {"mean": float(np.mean(v)), "median": float(np.median(v)), "min": float(np.min(v)),
+            "max": float(np.max(v)), "values": [float(x) for x in v]}
+
+
+def measure_quality(cs: CleanSet, cloaked: dict[Path, np.ndarray], *, whole_photo: bool = True) -> dict:
+    """Image quality of the cloaked photos: on the face region of each photo's subject
+    (``face``: :mod:`lowkey_jax.quality`, native and 224x224, mean / median / worst face,
+    plus every face's values) and, secondary, on the whole photo (LPIPS, SSIM, PSNR)."""
+    per_face = []
+    for path, img in cloaked.items():
+        fq = face_quality(cs.images[path], img, [cs.faces[path]])[0]
+        fq["file"] = path.name
+        per_face.append(fq)
+    out = {"face": {"crop224": summarise(per_face, "crop224"), "native": summarise(per_face, "native"), "faces": per_face}}
+    if whole_photo:
+        q = {"lpips_alex": [], "lpips_vgg": [], "ssim": [], "psnr": []}
+        for path, img in cloaked.items():
+            q["lpips_alex"].append(lpips_photos(cs.images[path], img, "alex"))
+            q["lpips_vgg"].append(lpips_photos(cs.images[path], img, "vgg"))
+            q["ssim"].append(ssim(cs.images[path], img))
+            q["psnr"].append(psnr(cs.images[path], img))
+        out.update({k: _stats(v) for k, v in q.items()})
+    return out
+
+
+def evaluate(
+    data: Path,
+    *,
+    labels: Path | None = None,
+    config: Config | None = None,
+    settings: Sequence[tuple[int, float]] = (),
+    transfer: bool = True,
+    cloak_all: bool = False,
+    graders: Sequence[str] = (),
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run the protocol; returns a JSON-able dict with every number.
+
+    Args:
+      config: the attack settings for the main (white-box) run.
+      settings: extra ``(steps, alpha)`` points for the protection/quality trade-off.
+      transfer: also cloak with each leave-one-out ensemble.
+      cloak_all: cloak every photo in the main run (not only gallery photos), to report the
+        clean-vs-cloaked similarity over the whole collection.
+      graders: recognisers outside the attack's ensemble that grade every cloaked set
+        too (``report["unseen"]``): transfer to networks the attack never saw.
+    """
+    config = config or Config()
+    models = tuple(config.models)
+    unseen = tuple(g for g in graders if g not in models)
+    graded = models + unseen
+    photos = load_dataset(Path(data), labels)
+    cs = clean_set(photos, graded)
+    images, faces, kept, skipped, clean = cs.images, cs.faces, cs.photos, cs.skipped, cs.embeddings
     log(f"{len(kept)} photos with a face, {len(skipped)} skipped")
-    clean = {p.path: {m: embed_faces(images[p.path], [faces[p.path]], m)[0] for m in models} for p in kept}
 
     # Thresholds at equal error rate on all clean pairs.
     labels_ = [p.identity for p in kept]
     thresholds, eers = {}, {}
-    for m in models:
+    for m in graded:
         s, same = pair_scores(np.stack([clean[p.path][m] for p in kept]), labels_)
         thresholds[m], eers[m] = eer_threshold(s, same)
 
-    by_id: dict[str, list[Photo]] = {}
-    for p in kept:
-        by_id.setdefault(p.identity, []).append(p)
-    gallery = [sorted(ps, key=lambda p: p.path.name)[0] for ps in by_id.values()]
-    probes = [p for ps in by_id.values() if len(ps) >= 2 for p in sorted(ps, key=lambda p: p.path.name)[1:]]
+    by_id = {p.identity for p in kept}
+    gallery, probes = split_gallery(kept)
     g_ids = [p.identity for p in gallery]
 
     def cloak_set(cfg: Config, targets: list[Photo]) -> tuple[dict, float]:
@@ -167,37 +277,10 @@ def evaluate(
         return {p.path: r.image for p, r in zip(targets, res)}, (time.perf_counter() - t) / max(1, len(targets))
 
     def protection(cloaked: dict[Path, np.ndarray], eval_models: Sequence[str]) -> dict:
-        out = {}
-        for tname, (fn, scale) in TRANSFORMS.items():
-            g_emb = {}
-            for p in gallery:
-                img = fn(cloaked[p.path]) if p.path in cloaked else fn(images[p.path])
-                g_emb[p.path] = _embed_main(img, _scaled(faces[p.path], scale), eval_models)
-            per_model = {}
-            for m in eval_models:
-                gal = np.stack([g_emb[p.path][m] for p in gallery])
-                prb = np.stack([clean[p.path][m] for p in probes])
-                own = np.stack([g_emb[next(g for g in gallery if g.identity == p.identity).path][m] for p in probes])
-                cos = paired_cosine(prb, own)
-                self_sim = [float(paired_cosine(clean[p.path][m], g_emb[p.path][m])) for p in gallery if p.path in cloaked]
-                per_model[m] = {
-                    "rank1": rank1_accuracy(prb, [p.identity for p in probes], gal, g_ids),
-                    "match_rate": float(np.mean(cos >= thresholds[m])),
-                    "probe_gallery_cosine_mean": float(np.mean(cos)),
-                    "clean_vs_cloaked_cosine": self_sim,
-                }
-            out[tname] = per_model
-        return out
+        return measure_protection(cs, gallery, probes, cloaked, eval_models, thresholds)
 
     def quality(cloaked: dict[Path, np.ndarray]) -> dict:
-        q = {"lpips_alex": [], "lpips_vgg": [], "ssim": [], "psnr": []}
-        for path, img in cloaked.items():
-            q["lpips_alex"].append(lpips_photos(images[path], img, "alex"))
-            q["lpips_vgg"].append(lpips_photos(images[path], img, "vgg"))
-            q["ssim"].append(ssim(images[path], img))
-            q["psnr"].append(psnr(images[path], img))
-        return {k: {"mean": float(np.mean(v)), "median": float(np.median(v)), "min": float(np.min(v)),
-                    "max": float(np.max(v)), "values": v} for k, v in q.items()}
+        return measure_quality(cs, cloaked)
 
     # Before: nothing cloaked.
     report: dict = {
@@ -206,12 +289,16 @@ def evaluate(
         "thresholds": thresholds, "eer": eers,
     }
     log("measuring clean protection baseline")
-    report["before"] = protection({}, models)["none"]
+    report["before"] = protection({}, graded)["none"]
 
     log(f"cloaking {'all' if cloak_all else len(gallery)} photos with {'+'.join(models)} (white-box)")
     main_targets = kept if cloak_all else gallery
     main, spp = cloak_set(config, main_targets)
-    report["white_box"] = {"seconds_per_photo": spp, "protection": protection(main, models), "quality": quality(main)}
+    prot = protection(main, graded)
+    report["white_box"] = {"seconds_per_photo": spp, "protection": {t: {m: v[m] for m in models} for t, v in prot.items()},
+                           "quality": quality(main)}
+    if unseen:
+        report["unseen"] = {"ensemble": models, "protection": {t: {m: v[m] for m in unseen} for t, v in prot.items()}}
     if cloak_all:
         sims = {m: [] for m in models}
         for p in kept:
@@ -334,21 +421,44 @@ def write_report(report: dict, out_dir: Path, command: str = "") -> dict[str, Pa
               "| recogniser | below threshold | mean cosine |", "|---|---|---|"]
         for m, v in wb["all_photos_clean_vs_cloaked"].items():
             L.append(f"| {m} | {v['below_threshold']:.1%} | {v['mean']:.3f} |")
+    if "unseen" in report:
+        un = report["unseen"]["protection"]
+        L += ["", "## Recognisers the attack never saw (not in the ensemble)", "",
+              "| recogniser | rank-1 before | rank-1 after | match rate before -> after (shipped point) | same, after halving + JPEG 75 |",
+              "|---|---|---|---|---|"]
+        for m in un["none"]:
+            b, a = report["before"][m], un["none"][m]
+            L.append(f"| {m} | {b['rank1']:.2f} | {a['rank1']:.2f} | {b.get('match_rate_shipped', float('nan')):.2f} -> "
+                     f"{a.get('match_rate_shipped', float('nan')):.2f} | {un[PLATFORM][m].get('match_rate_shipped', float('nan')):.2f} |")
     if "transfer" in report:
         L += ["", "## Transfer (leave-one-out: the attack never saw the recogniser)", "",
               "| held-out recogniser | ensemble | rank-1 after | match rate after |", "|---|---|---|---|"]
         for m, t in report["transfer"].items():
             p = t["protection"]["none"]
             L.append(f"| {m} | {'+'.join(t['ensemble'])} | {p['rank1']:.2f} | {p['match_rate']:.2f} |")
-    L += ["", "## Robustness (match rate after the cloaked gallery is post-processed)", "",
+    if any("match_rate_shipped" in v for v in wb["protection"]["none"].values()):
+        L += ["", "## Match rate at each recogniser's shipped operating point (decides; see operating_points.json)", "",
+              "| recogniser | " + " | ".join(TRANSFORMS) + " |", "|---" * (len(TRANSFORMS) + 1) + "|"]
+        for m in models:
+            L.append(f"| {m} (white-box) | " + " | ".join(f"{wb['protection'][t][m].get('match_rate_shipped', float('nan')):.2f}" for t in TRANSFORMS) + " |")
+        for m, t in report.get("transfer", {}).items():
+            L.append(f"| {m} (held out) | " + " | ".join(f"{t['protection'][k].get('match_rate_shipped', float('nan')):.2f}" for k in TRANSFORMS) + " |")
+    L += ["", "## Robustness (match rate at the EER threshold after the cloaked gallery is post-processed)", "",
           "| recogniser | " + " | ".join(TRANSFORMS) + " |", "|---" * (len(TRANSFORMS) + 1) + "|"]
     for m in models:
         L.append(f"| {m} (white-box) | " + " | ".join(f"{wb['protection'][t][m]['match_rate']:.2f}" for t in TRANSFORMS) + " |")
     for m, t in report.get("transfer", {}).items():
         L.append(f"| {m} (held out) | " + " | ".join(f"{t['protection'][k]['match_rate']:.2f}" for k in TRANSFORMS) + " |")
     q = wb["quality"]
-    L += ["", "## Image quality (original vs cloaked)", "", "| metric | mean | median | min | max |", "|---|---|---|---|---|"]
-    L += [f"| {k} | {v['mean']:.4f} | {v['median']:.4f} | {v['min']:.4f} | {v['max']:.4f} |" for k, v in q.items()]
+    if "face" in q:
+        L += ["", "## Image quality on the faces (face box grown by 30%; this is what people look at)", "",
+              "| metric | view | mean | median | worst face |", "|---|---|---|---|---|"]
+        for view in ("crop224", "native"):
+            for k, v in q["face"][view].items():
+                L.append(f"| {k} | {view} | {v['mean']:.4f} | {v['median']:.4f} | {v['worst']:.4f} |")
+    L += ["", "## Image quality on the whole photo (secondary: the background dominates)", "",
+          "| metric | mean | median | min | max |", "|---|---|---|---|---|"]
+    L += [f"| {k} | {v['mean']:.4f} | {v['median']:.4f} | {v['min']:.4f} | {v['max']:.4f} |" for k, v in q.items() if "mean" in v]
     points = [{"label": "default", "lpips_alex": q["lpips_alex"]["mean"],
                "mean_match_rate": float(np.mean([wb["protection"]["none"][m]["match_rate"] for m in models]))}]
     if report["sweep"]:

@@ -101,6 +101,8 @@ class Job:
     faces: list = dataclasses.field(default_factory=list)
     similarity: dict = dataclasses.field(default_factory=dict)
     detected_after: list = dataclasses.field(default_factory=list)
+    matched: dict = dataclasses.field(default_factory=dict)  # at each recogniser's shipped operating point
+    face_quality: list = dataclasses.field(default_factory=list)  # per face, lowkey_jax.quality
     lpips: float | None = None
     psnr: float | None = None
     seconds: float | None = None
@@ -198,6 +200,8 @@ def store_result(job: Job, loaded: LoadedImage, result, fmt: str, quality: int, 
         return
     job.similarity = {k: [float(v) for v in vs] for k, vs in getattr(result, "similarity", {}).items()}
     job.detected_after = [bool(v) for v in getattr(result, "detected_after", [])]
+    job.matched = {k: [bool(v) for v in vs] for k, vs in getattr(result, "matched", {}).items()}
+    job.face_quality = list(getattr(result, "face_quality", []))
     job.lpips = float(result.lpips)
     job.psnr = float(result.psnr)
     job.seconds = float(result.seconds)
@@ -250,7 +254,16 @@ def level_settings(level: str, steps: int | None = None, alpha: float | None = N
 
 
 # Result fields that are not quality figures (everything else numeric is reported).
-_NOT_QUALITY = frozenset({"image", "faces", "no_face", "similarity", "detected_after", "working_shape", "seconds"})
+_NOT_QUALITY = frozenset({"image", "faces", "no_face", "similarity", "detected_after", "working_shape", "seconds",
+                          "matched", "face_quality"})
+# Per-face figures of Result.face_quality shown by front ends: name -> (view, metric).
+FACE_QUALITY = {
+    "face_psnr": ("crop224", "psnr"),
+    "face_colour_difference": ("crop224", "ciede2000_mean"),
+    "face_colour_difference_p99": ("crop224", "ciede2000_p99"),
+    "face_lpips": ("crop224", "lpips_alex"),
+    "face_max_change": ("native", "linf"),
+}
 
 
 def _number(v) -> float | None:
@@ -272,12 +285,20 @@ def result_summary(result, thresholds: dict[str, float]) -> dict:
       lists), so fields added to ``Result`` later appear without changes here. A
       similarity at or above the recogniser's threshold means it would still match.
     """
+    from lowkey_jax.verification import operating_points
+
     faces = [f.to_dict() for f in getattr(result, "faces", [])]
     recs = {}
+    shipped = getattr(result, "matched", None) or {}
+    ops = operating_points()
     for name, sims in (getattr(result, "similarity", None) or {}).items():
         t = thresholds.get(name)
         sims = [float(s) for s in sims]
         matched = [t is not None and s >= t for s in sims]
+        if name in shipped and name in ops:  # decided at the recogniser's shipped operating point
+            matched = [bool(m) for m in shipped[name]]
+            op = ops[name]
+            t = f"{'distance <=' if op.metric == 'euclidean' else 'cosine >='} {op.threshold:.3f}"
         if t is None:
             verdict = "no threshold known"
         elif not any(matched):
@@ -301,6 +322,9 @@ def result_summary(result, thresholds: dict[str, float]) -> dict:
                 quality[name] = nums
         elif _number(v) is not None or isinstance(v, float):
             quality[name] = _number(v)
+    for q in getattr(result, "face_quality", None) or []:  # per face, on the face region at 224x224
+        for key, (view, metric) in FACE_QUALITY.items():
+            quality.setdefault(key, []).append(_number(q[view][metric]))
     return jsonable({
         "faces": faces,
         "recognizers": recs,

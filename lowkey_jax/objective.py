@@ -58,6 +58,10 @@ __all__ = [
     "feature_distance",
     "lpips_term",
     "objective",
+    "YCBCR_TO_RGB",
+    "to_rgb",
+    "budget_map",
+    "local_contrast",
 ]
 
 Embed = Callable[[jax.Array], jax.Array]  # [N, h, w, 3] in [0, 1] -> [N, D]
@@ -225,3 +229,56 @@ def objective(
     distance = jnp.mean(jnp.stack(terms))
     perceptual = lpips_term(lpips, adv, clean, geometry, max_side=lpips_max_side)
     return distance - alpha * perceptual, {"distance": distance, "lpips": perceptual}
+
+
+# --- perceptual shaping of the perturbation (used by lowkey_jax.attack) ------------------
+
+# Rows: R, G, B as combinations of (Y, Cb, Cr) offsets (ITU-R BT.601, full range). A
+# perturbation optimised in these coordinates can give luminance and colour different
+# budgets: the eye forgives small luminance changes in texture far more than hue shifts
+# (eye colour, skin tone), which is what CIEDE2000 measures.
+YCBCR_TO_RGB = ((1.0, 0.0, 1.402), (1.0, -0.344136, -0.714136), (1.0, 1.772, 0.0))
+
+
+def to_rgb(z: jax.Array, chroma: float | None) -> jax.Array:
+    """The RGB perturbation ``[..., 3]`` for optimisation variables ``z``.
+
+    ``chroma=None``: ``z`` is already RGB (the reference's parameterisation). Otherwise ``z``
+    is a (Y, Cb, Cr) offset, mapped linearly to RGB.
+    """
+    if chroma is None:
+        return z
+    return z @ jnp.asarray(YCBCR_TO_RGB, jnp.float32).T
+
+
+def local_contrast(image: jax.Array, sigma: float = 2.0, kernel: int = 9) -> jax.Array:
+    """Local standard deviation of luminance, ``[H, W, 3]`` in [0, 1] -> ``[H, W, 1]``.
+
+    Computed with the same reflect-padded Gaussian as :func:`gaussian_smooth`; a texture
+    measure for the just-noticeable-difference mask of :func:`budget_map`.
+    """
+    y = image @ jnp.asarray([0.299, 0.587, 0.114], jnp.float32)
+    y3 = jnp.stack([y, y * y, y], axis=-1)  # gaussian_smooth works on 3 channels
+    m = gaussian_smooth(y3, sigma, kernel)
+    var = jnp.maximum(m[..., 1] - m[..., 0] ** 2, jnp.float32(0.0))
+    return jnp.sqrt(var + jnp.float32(1e-12))[..., None]
+
+
+TEXTURE_REF = 0.04  # local luminance std (about 10/255) at which the full budget applies
+
+
+def budget_map(clean: jax.Array, epsilon: float, texture: float, chroma: float | None) -> jax.Array:
+    """Per-pixel, per-variable L-inf budget ``[H, W, 3]`` for the optimisation variables.
+
+    ``epsilon`` is the budget on [0, 1] images (of each RGB channel, or of luminance Y when
+    ``chroma`` is set; Cb and Cr then get ``chroma * epsilon``). ``texture`` in [0, 1] blends
+    in a just-noticeable-difference mask: the budget is scaled by
+    ``(1 - texture) + texture * min(1, local_contrast / TEXTURE_REF)``, so smooth skin and
+    the flat parts of the eyes get less change than hair, edges and textured background.
+    """
+    scale = jnp.ones(clean.shape[:2] + (1,), jnp.float32)
+    if texture > 0:
+        m = jnp.minimum(local_contrast(clean) / jnp.float32(TEXTURE_REF), jnp.float32(1.0))
+        scale = jnp.float32(1.0 - texture) + jnp.float32(texture) * m
+    per = jnp.asarray([1.0, 1.0, 1.0] if chroma is None else [1.0, chroma, chroma], jnp.float32)
+    return jnp.float32(epsilon) * scale * per[None, None, :]

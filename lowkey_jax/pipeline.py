@@ -21,8 +21,9 @@ from lowkey_jax.detect import detect_faces
 from lowkey_jax.face import Face, face_slots
 from lowkey_jax.metrics import paired_cosine
 from lowkey_jax.recognizers import load_recognizer
+from lowkey_jax.verification import matches, operating_points
 
-__all__ = ["embed_faces", "match_faces", "similarities", "thresholds", "compare", "lpips_photos", "psnr", "ssim"]
+__all__ = ["embed_faces", "match_faces", "verdicts", "similarities", "thresholds", "compare", "lpips_photos", "psnr", "ssim"]
 
 
 @cache
@@ -61,20 +62,33 @@ def match_faces(reference: list[Face], found: list[Face], min_iou: float = 0.3) 
     return out
 
 
-def similarities(clean: np.ndarray, cloaked: np.ndarray, faces: list[Face], models) -> tuple[dict[str, list[float]], list[bool]]:
-    """Per recogniser and face: cosine between the clean and the cloaked embedding.
+def verdicts(clean: np.ndarray, cloaked: np.ndarray, faces: list[Face], models) -> dict:
+    """Per recogniser and face: would its own pipeline still match the cloaked face?
 
     The cloaked photo goes through detection again. Where the detector no longer finds a
     face, the clean face's geometry is used instead (the conservative choice: it measures
-    the recogniser as if detection had still succeeded); ``detected`` records which.
+    the recogniser as if detection had still succeeded). Returns ``{"similarity": {name:
+    [cosine per face]}, "matched": {name: [bool per face at the shipped operating point,
+    see lowkey_jax.verification]}, "detected": [bool per face]}``.
     """
     found = match_faces(faces, detect_faces(cloaked))
     detected = [f is not None for f in found]
     after = [f if f is not None else c for f, c in zip(found, faces)]
-    sims = {}
+    ops = operating_points()
+    sims, matched = {}, {}
     for name in models:
-        sims[name] = [float(v) for v in paired_cosine(embed_faces(clean, faces, name), embed_faces(cloaked, after, name))]
-    return sims, detected
+        a, b = embed_faces(clean, faces, name), embed_faces(cloaked, after, name)
+        sims[name] = [float(v) for v in paired_cosine(a, b)]
+        if name in ops:
+            matched[name] = [bool(v) for v in matches(name, a, b)]
+    return {"similarity": sims, "matched": matched, "detected": detected}
+
+
+def similarities(clean: np.ndarray, cloaked: np.ndarray, faces: list[Face], models) -> tuple[dict[str, list[float]], list[bool]]:
+    """Per recogniser and face: cosine between the clean and the cloaked embedding, and per
+    face whether it is still detected (see :func:`verdicts`)."""
+    v = verdicts(clean, cloaked, faces, models)
+    return v["similarity"], v["detected"]
 
 
 @cache
@@ -117,19 +131,31 @@ def compare(original: np.ndarray, cloaked: np.ndarray, models=("dlib", "facenet"
     """How a cloaked photo fares against each recogniser, and how it looks.
 
     Returns ``{"faces": n, "recognizers": {name: {"similarity": [...], "threshold": t,
-    "matched": [...]}}, "detected_after": [...], "lpips": x, "psnr": x, "ssim": x}``.
+    "matched": [...], "operating_point": {...}}}, "detected_after": [...],
+    "face_quality": [...], "lpips": x, "psnr": x, "ssim": x}``. ``matched`` is the decision
+    at the recogniser's shipped operating point (:mod:`lowkey_jax.verification`);
+    ``threshold`` is the cosine at equal error rate on our clean photos (secondary,
+    ``matched_eer``). ``face_quality`` is per face (:mod:`lowkey_jax.quality`); the
+    whole-photo LPIPS / PSNR / SSIM are secondary.
     """
+    from lowkey_jax.quality import face_quality
+
     if original.shape != cloaked.shape:
         raise ValueError(f"images differ in size: {original.shape} vs {cloaked.shape}")
     faces = detect_faces(original)
-    sims, detected = similarities(original, cloaked, faces, models) if faces else ({m: [] for m in models}, [])
+    v = verdicts(original, cloaked, faces, models) if faces else {"similarity": {m: [] for m in models}, "matched": {m: [] for m in models}, "detected": []}
     th = thresholds()
+    ops = operating_points()
+    recs = {}
+    for m in models:
+        eer = [s >= th[m] for s in v["similarity"][m]]
+        recs[m] = {"similarity": v["similarity"][m], "threshold": th[m], "matched_eer": eer,
+                   "matched": v["matched"].get(m, eer), "operating_point": dict(ops[m]) if m in ops else None}
     return {
         "faces": len(faces),
-        "recognizers": {
-            m: {"similarity": sims[m], "threshold": th[m], "matched": [s >= th[m] for s in sims[m]]} for m in models
-        },
-        "detected_after": detected,
+        "recognizers": recs,
+        "detected_after": v["detected"],
+        "face_quality": face_quality(original, cloaked, faces),
         "lpips": lpips_photos(original, cloaked),
         "psnr": psnr(original, cloaked),
         "ssim": ssim(original, cloaked),

@@ -41,7 +41,7 @@ def test_evaluate_command_end_to_end(tiny, tmp_path):
     out = tmp_path / "eval"
     r = CliRunner().invoke(app, ["evaluate", str(celebs), "--labels", str(labels), "--out", str(out),
                                  "--models", "sface", "--steps", "3", "--steps", "1", "--max-side", "256",
-                                 "--no-transfer"])
+                                 "--no-transfer", "--graders", "arcface-mobilenet"])
     assert r.exit_code == 0, r.output
     report = json.loads((out / "evaluation.json").read_text())
     assert report["photos"] == 6 and report["gallery"] == 3 and report["probes"] == 3
@@ -51,10 +51,18 @@ def test_evaluate_command_end_to_end(tiny, tmp_path):
     assert 0.0 <= after["rank1"] <= 1.0 and len(after["clean_vs_cloaked_cosine"]) == 3
     # Even 3 steps lower the similarity of each cloaked photo to its clean self.
     assert max(after["clean_vs_cloaked_cosine"]) < 0.99
-    assert set(report["white_box"]["protection"]) == {"none", "jpeg75", "downscale0.5", "blur1"}
+    assert set(report["white_box"]["protection"]) == {"none", "jpeg75", "downscale0.5", "blur1", "half+jpeg75"}
+    assert 0.0 <= after["match_rate_shipped"] <= 1.0 and report["before"]["sface"]["match_rate_shipped"] == 1.0
+    # The unseen grader is measured but not attacked; clean, it verifies every probe too.
+    assert list(report["unseen"]["protection"]["none"]) == ["arcface-mobilenet"]
+    assert report["before"]["arcface-mobilenet"]["match_rate_shipped"] > 0.5
     q = report["white_box"]["quality"]
     assert 0 < q["lpips_alex"]["mean"] < 0.5 and q["psnr"]["min"] > 20
+    face = q["face"]["crop224"]
+    assert face["psnr"]["n"] == 3 and face["psnr"]["worst"] <= face["psnr"]["median"]
+    assert 0 < face["ciede2000_mean"]["mean"] < face["ciede2000_p99"]["mean"]
     assert len(report["sweep"]) == 1 and report["sweep"][0]["steps"] == 1
     md = (out / "evaluation.md").read_text()
     assert "White-box" in md and "| sface |" in md
+    assert "Image quality on the faces" in md and "never saw" in md and "shipped operating point" in md
     assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

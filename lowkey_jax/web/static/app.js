@@ -11,10 +11,15 @@ const STAGES = {
   checking: "checking against each recogniser",
   writing: "writing the cloaked photo",
 };
-const NAMES = { dlib: "dlib ResNet", facenet: "FaceNet", sface: "SFace" };
+const NAMES = { dlib: "dlib ResNet", facenet: "FaceNet", sface: "SFace", facenet128: "FaceNet-128", "arcface-mobilenet": "ArcFace MobileNet" };
 const QUALITY = {
-  lpips: ["LPIPS", "perceptual difference, lower = less visible"],
-  psnr: ["PSNR", "dB, higher = closer to the original"],
+  face_psnr: ["face PSNR", "dB on the face, higher = closer to the original"],
+  face_colour_difference: ["face colour difference", "CIEDE2000 mean on the face; about 1 = just noticeable"],
+  face_colour_difference_p99: ["face colour difference, 99th pct", "CIEDE2000 of the most changed 1% of face pixels"],
+  face_lpips: ["face LPIPS", "perceptual difference on the face, lower = less visible"],
+  face_max_change: ["face max change", "largest change of any pixel value, in 1/255"],
+  lpips: ["LPIPS", "whole photo: perceptual difference, lower = less visible"],
+  psnr: ["PSNR", "whole photo: dB, higher = closer to the original"],
   distance: ["feature distance", "the attack's objective, higher = further from you"],
 };
 const ZOOM_MAX = 224; // px of each 1:1 face crop
@@ -252,7 +257,7 @@ function showResult(card, j) {
       pair.append(z);
     }
     const cap = document.createElement("figcaption");
-    const extra = Object.entries(perFace).filter(([, v]) => v.length === faces.length).map(([k, v]) => `${k.replace(/_/g, " ")} ${fmt(v[i])}`);
+    const extra = Object.entries(perFace).filter(([, v]) => v.length === faces.length).map(([k, v]) => `${(QUALITY[k] || [k.replace(/_/g, " ")])[0]} ${fmt(v[i], 2)}`);
     const det = res.detected_after && res.detected_after.length ? (res.detected_after[i] ? "still detected as a face" : "no longer detected") : "";
     cap.textContent = [`face ${i + 1}`, ...extra, det].filter(Boolean).join(" · ");
     fig.append(pair, cap);

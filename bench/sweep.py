@@ -95,7 +95,9 @@ def cmd_cloak(names: list[str]) -> None:
         print(f"{name}: {spp:.1f} s/photo incl. compile (matmul peak {peak0 / 1e9:.0f} / {peak1 / 1e9:.0f} GFLOP/s)", flush=True)
 
 
-def cmd_grade() -> None:
+def cmd_grade(wait_for: list[str] = ()) -> None:
+    """Grade every cloaked setting; with names, keep waiting (polling) until those are
+    cloaked and graded too, so grading overlaps with the cloaking of later settings."""
     from lowkey_jax.pipeline import thresholds
 
     graders = [m for m in RECOGNIZERS]
@@ -107,11 +109,21 @@ def cmd_grade() -> None:
     path = work_dir() / "grades.json"
     if path.is_file():
         results = json.loads(path.read_text())
-    for d in sorted(p for p in work_dir().iterdir() if (p / "meta.json").is_file()):
+    while True:
+        todo = [p for p in sorted(work_dir().iterdir()) if (p / "meta.json").is_file()
+                and results.get(p.name, {}).get("key") != f"{p.name}|{','.join(graders)}"]
+        if not todo:
+            if all(n in results for n in wait_for):
+                return
+            time.sleep(30)
+            continue
+        _grade(todo[0], graders, cs, gallery, probes, eer, results, path)
+
+
+def _grade(d, graders, cs, gallery, probes, eer, results, path) -> None:
+    if True:
         meta = json.loads((d / "meta.json").read_text())
         key = f"{d.name}|{','.join(graders)}"
-        if results.get(d.name, {}).get("key") == key:
-            continue
         cloaked = {p.path: np.asarray(Image.open(d / (p.path.stem + ".png")).convert("RGB")) for p in gallery}
         prot = measure_protection(cs, gallery, probes, cloaked, graders, eer, transforms=("none", PLATFORM))
         qual = measure_quality(cs, cloaked, whole_photo=False)
@@ -255,7 +267,7 @@ def main() -> None:
     if cmd == "cloak":
         cmd_cloak(args)
     elif cmd == "grade":
-        cmd_grade()
+        cmd_grade(args)
     elif cmd == "report":
         cmd_report()
     elif cmd == "sheets":

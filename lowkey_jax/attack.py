@@ -48,7 +48,9 @@ BUCKET_SIDES = (256, 384, 512, 768, 1024)
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Attack settings. Defaults are those of the released LowKey code.
+    """Attack settings. Defaults are those of the released LowKey code; the product's
+    presets (``Config.preset("mid")``, the CLI's ``--level``) add a perturbation budget and
+    perceptual shaping on top (:mod:`lowkey_jax.presets`).
 
     Attributes:
       steps: signed-gradient-ascent steps.
@@ -106,6 +108,16 @@ class Config:
     texture: float = 0.0
     momentum: float = 0.0
     smooth_grad: float = 0.0
+
+    @classmethod
+    def preset(cls, level: str = "mid", **overrides) -> "Config":
+        """The settings of a ``--level`` preset (:mod:`lowkey_jax.presets`: ``low``,
+        ``mid`` (the CLI's default), ``high`` or ``reference``), with ``overrides``."""
+        from lowkey_jax.presets import LEVELS
+
+        if level not in LEVELS:
+            raise ValueError(f"unknown level {level!r}; choose from {', '.join(LEVELS)}")
+        return cls(**{**LEVELS[level], **overrides})
 
     def __post_init__(self):
         object.__setattr__(self, "models", tuple(self.models))
@@ -522,7 +534,8 @@ def cloak(
 
     Args:
       images: uint8 ``[H, W, 3]`` RGB arrays or PIL images.
-      config: attack settings (defaults: the released LowKey code's).
+      config: attack settings (default: ``Config.preset("mid")``, the CLI's default level;
+        a bare ``Config()`` is the released LowKey code's setting).
       progress: optional ``callback(step, total_steps)`` called during each batch.
       evaluate: measure per-recogniser similarity, LPIPS and PSNR (slower).
       stage: optional ``callback(name)`` called when a stage starts: ``"detecting"``,
@@ -532,7 +545,7 @@ def cloak(
       One :class:`Result` per input, in order. Photos without a face come back unchanged
       with ``no_face=True``.
     """
-    config = config or Config()
+    config = config or Config.preset("mid")
     arrays = [_as_uint8(im) for im in images]
     results: list[Result | None] = [None] * len(arrays)
     if stage is not None:

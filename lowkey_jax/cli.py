@@ -16,7 +16,7 @@ import typer
 
 from lowkey_jax._version import __version__
 from lowkey_jax.imageio import ImageError, LoadedImage, read_image, write_image
-from lowkey_jax.jobs import LEVELS, PHOTO_SUFFIXES, RECOGNIZER_NAMES, Job, collect_inputs  # noqa: F401 - re-exported
+from lowkey_jax.jobs import LEVELS, PHOTO_SUFFIXES, RECOGNIZER_NAMES, Job, collect_inputs, level_settings  # noqa: F401 - re-exported
 from lowkey_jax.jobs import jsonable as _jsonable
 from lowkey_jax.jobs import plan as _plan
 from lowkey_jax.jobs import store_result as _store_result
@@ -117,6 +117,7 @@ class Level(str, Enum):
     low = "low"
     mid = "mid"
     high = "high"
+    reference = "reference"
 
 
 class OutFormat(str, Enum):
@@ -231,7 +232,7 @@ def cloak_command(
     paths: Annotated[list[Path], typer.Argument(help="Photos and/or folders of photos.", show_default=False)],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write outputs into this folder (created if missing) instead of beside each input.")] = None,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Also take photos from sub-folders (mirrored under --output).")] = False,
-    level: Annotated[Level, typer.Option("--level", case_sensitive=False, help="Preset: low = 25 steps, alpha 0.10 (fastest, subtlest, weakest); mid = 50 steps, alpha 0.05 (the LowKey authors' setting); high = 100 steps, alpha 0.025 (strongest, slowest, most visible). --steps/--alpha override it.")] = Level.mid,
+    level: Annotated[Level, typer.Option("--level", case_sensitive=False, help="How strong and how visible: low = subtlest, weakest; mid (default) = invisible at 1:1 on the face yet protective (chosen by measurement, docs/eval/sweep.md); high = strongest, slightly visible; reference = the released LowKey setting (visibly changes faces). --steps/--alpha override the preset's.")] = Level.mid,
     steps: Annotated[int | None, typer.Option("--steps", min=0, help="Attack steps (default: from --level).")] = None,
     alpha: Annotated[float | None, typer.Option("--alpha", min=0.0, help="Weight of the LPIPS visibility penalty; higher = subtler (default: from --level).")] = None,
     models: Annotated[str, typer.Option("--models", help="Recognisers to fool, comma-separated, from dlib,facenet,sface,facenet128,arcface-mobilenet.")] = ",".join(RECOGNIZER_NAMES),
@@ -273,8 +274,7 @@ def cloak_command(
             _usage(f"--report: folder {report.parent} does not exist")
     settings = {
         "level": level_name,
-        "steps": int(steps if steps is not None else LEVELS[level_name]["steps"]),
-        "alpha": float(alpha if alpha is not None else LEVELS[level_name]["alpha"]),
+        **level_settings(level_name, steps, alpha),
         "models": list(model_names),
         "max_side": max_side,
         "batch_size": batch_size,
@@ -324,14 +324,15 @@ def cloak_command(
                 if config is None:
                     try:
                         config = _make_config(
-                            steps=settings["steps"], alpha=settings["alpha"], models=model_names,
+                            **level_settings(level_name, steps, alpha), models=model_names,
                             max_side=max_side, seed=seed, batch_size=batch_size,
                         )
                     except ValueError as e:
                         _usage(str(e))
                     device_line = _device_line()
-                    _say(f"lowkey-jax {__version__} on {device_line}: {settings['steps']} steps, "
-                         f"alpha {settings['alpha']:g}, models {','.join(model_names)}")
+                    budget = (f"budget {settings['epsilon'] * 255:.0f}/255, " if settings.get("epsilon") else "")
+                    _say(f"lowkey-jax {__version__} on {device_line}: level {level_name}, {settings['steps']} steps, "
+                         f"{budget}alpha {settings['alpha']:g}, models {','.join(model_names)}")
                 _process(pending, config, fmt, quality, keep_metadata, overwrite, bar)
                 pending = []
     except KeyboardInterrupt:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lowkey_jax import presets as _presets
 from lowkey_jax._version import __version__
 from lowkey_jax.imageio import (
     LoadedImage,
@@ -37,12 +38,8 @@ __all__ = [
 
 RECOGNIZER_NAMES = ("dlib", "facenet", "sface")
 
-# --level presets. "mid" is the LowKey authors' released setting; explicit --steps/--alpha win.
-LEVELS: dict[str, dict[str, float | int]] = {
-    "low": {"steps": 25, "alpha": 0.10},
-    "mid": {"steps": 50, "alpha": 0.05},
-    "high": {"steps": 100, "alpha": 0.025},
-}
+# --level presets: lowkey_jax.presets (chosen by measurement; explicit --steps/--alpha win).
+LEVELS = _presets.LEVELS
 
 # Files taken from folders (explicitly named files are always tried, whatever their name).
 PHOTO_SUFFIXES = frozenset({
@@ -238,8 +235,9 @@ def write_report(path: Path, jobs: list[Job], settings: dict, config, device: st
 
 
 def level_settings(level: str, steps: int | None = None, alpha: float | None = None,
-                   levels: dict[str, dict[str, float | int]] | None = None) -> dict[str, float | int]:
-    """``{"steps": int, "alpha": float}`` for a ``--level`` preset; explicit values win.
+                   levels: dict[str, dict] | None = None) -> dict:
+    """The :class:`lowkey_jax.attack.Config` overrides of a ``--level`` preset
+    (:mod:`lowkey_jax.presets`); explicit ``steps`` / ``alpha`` win.
 
     Raises:
       ValueError: unknown level (the message lists the known ones).
@@ -247,10 +245,10 @@ def level_settings(level: str, steps: int | None = None, alpha: float | None = N
     table = LEVELS if levels is None else levels
     if level not in table:
         raise ValueError(f"unknown level {level!r}; choose from {', '.join(table)}")
-    return {
-        "steps": int(steps if steps is not None else table[level]["steps"]),
-        "alpha": float(alpha if alpha is not None else table[level]["alpha"]),
-    }
+    out = dict(table[level])
+    out["steps"] = int(steps if steps is not None else table[level]["steps"])
+    out["alpha"] = float(alpha if alpha is not None else table[level]["alpha"])
+    return out
 
 
 # Result fields that are not quality figures (everything else numeric is reported).

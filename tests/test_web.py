@@ -367,9 +367,14 @@ def test_levels_are_the_cli_presets():
     app = create_app(allowed_hosts={HOST}, cloak=Counterfeit())
     with TestClient(app, base_url=f"http://{HOST}") as c:
         assert c.get("/api/info").json()["levels"] == jobs.LEVELS
-    assert jobs.level_settings("high") == {"steps": 100, "alpha": 0.025}
-    assert jobs.level_settings("low", steps=7) == {"steps": 7, "alpha": 0.10}
-    with pytest.raises(ValueError, match="choose from low, mid, high"):
+    from lowkey_jax import presets
+
+    assert jobs.LEVELS is presets.LEVELS
+    assert jobs.level_settings("high") == presets.LEVELS["high"]
+    low = jobs.level_settings("low", steps=7)
+    assert low["steps"] == 7 and low["alpha"] == presets.LEVELS["low"]["alpha"]
+    assert low["epsilon"] == presets.LEVELS["low"]["epsilon"]
+    with pytest.raises(ValueError, match="choose from low, mid, high, reference"):
         jobs.level_settings("extreme")
 
 

@@ -49,15 +49,16 @@ async function loadInfo() {
     input.checked = name === info.default_level;
     label.append(input, ` ${name} `);
     const small = document.createElement("small");
-    small.textContent = `(${p.steps} steps)`;
+    small.textContent = p.epsilon ? `(budget ${Math.round(p.epsilon * 255)}/255)` : `(${p.steps} steps, no budget)`;
     label.append(small);
     box.append(label);
   }
   const L = info.limits;
   $("#limits").textContent =
     `Up to ${L.max_files} photos at a time, ${Math.round(L.max_file_bytes / 1048576)} MiB and ` +
-    `${Math.round(L.max_pixels / 1e6)} megapixels each. Low: fastest, subtlest; mid: the LowKey ` +
-    `authors' setting; high: strongest, most visible. Cloaked photos keep their size, format and ` +
+    `${Math.round(L.max_pixels / 1e6)} megapixels each. Low: subtlest, weakest; mid: invisible ` +
+    `on the face yet protective (measured); high: strongest, slightly visible; reference: the LowKey authors' setting, ` +
+    `visibly changes faces. Cloaked photos keep their size, format and ` +
     `colour profile; EXIF and GPS are removed. Files are deleted after download or ${Math.round(L.expire_s / 60)} minutes.`;
 }
 

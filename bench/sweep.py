@@ -31,7 +31,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from lowkey_jax.attack import Config, cloak
-from lowkey_jax.evaluate import PLATFORM, clean_set, load_dataset, measure_protection, measure_quality, split_gallery
+from lowkey_jax.evaluate import (PLATFORM, clean_set, load_dataset, measure_protection, measure_quality, scatter_plot,
+                                 split_gallery)
 from lowkey_jax.quality import face_crop, face_region
 from lowkey_jax.recognizers import RECOGNIZERS
 from lowkey_jax.store import home
@@ -197,29 +198,10 @@ def cmd_report() -> None:
 
 def _pareto(rows: list[dict], path: Path) -> None:
     """Protection against unseen recognisers after platform processing vs face CIEDE2000."""
-    w, h, pad = 760, 520, 70
-    im = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(im)
-    d.line([(pad, h - pad), (w - 20, h - pad)], fill="black")
-    d.line([(pad, h - pad), (pad, 20)], fill="black")
-    d.text((w // 2 - 150, h - 35), "face colour difference, CIEDE2000 mean (lower = less visible)", fill="black")
-    d.text((5, 5), "unseen-recogniser match rate after halving + JPEG 75 (lower = better protection)", fill="black")
-    xmax = max([r["face_ciede2000_mean"] for r in rows] + [1.5]) * 1.1
-    for i in range(6):
-        v = xmax * i / 5
-        x = pad + (w - pad - 20) * i / 5
-        d.text((x - 10, h - pad + 5), f"{v:.1f}", fill="black")
-        y = h - pad - (h - pad - 20) * i / 5
-        d.text((25, y - 5), f"{i / 5:.1f}", fill="black")
-    x1 = pad + (w - pad - 20) * 1.0 / xmax
-    d.line([(x1, 20), (x1, h - pad)], fill=(200, 200, 200))
-    d.text((x1 + 3, 25), "1 JND", fill=(120, 120, 120))
-    for r in rows:
-        x = pad + (w - pad - 20) * r["face_ciede2000_mean"] / xmax
-        y = h - pad - (h - pad - 20) * r["unseen_match_platform"]
-        d.ellipse([x - 5, y - 5, x + 5, y + 5], fill=(31, 119, 180))
-        d.text((x + 7, y - 7), r["setting"], fill="black")
-    im.save(path)
+    pts = [{**r, "label": r["setting"], "protection": 1.0 - r["unseen_match_platform"]} for r in rows]
+    scatter_plot(pts, path, x="face_ciede2000_mean", y="protection", xmin_span=1.5, xline=(1.0, "1 JND"),
+                 xlabel="face colour difference, CIEDE2000 mean (lower = less visible)",
+                 ylabel="protection against unseen recognisers after halving + JPEG 75 (1 - match rate)")
 
 
 def contact_sheet(name: str, out: Path, n: int = 6, window: int = 320, gain: float = 5.0) -> Path:

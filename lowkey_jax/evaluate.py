@@ -335,28 +335,45 @@ def evaluate(
     return report
 
 
-def _plot(points: list[dict], path: Path) -> None:
-    """Protection (1 - mean match rate) against LPIPS, one labelled point per setting."""
-    w, h, pad = 640, 480, 60
+def scatter_plot(points: list[dict], path: Path, *, x: str, y: str, xlabel: str, ylabel: str,
+                 xmin_span: float = 0.05, xline: tuple[float, str] | None = None) -> None:
+    """One labelled point per setting (``point["label"]``): ``point[x]`` against
+    ``point[y]`` (``y`` in [0, 1]); ``xline`` draws a labelled vertical reference line."""
+    w, h, pad = 760, 520, 70
     im = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(im)
     d.line([(pad, h - pad), (w - 20, h - pad)], fill="black")
     d.line([(pad, h - pad), (pad, 20)], fill="black")
-    d.text((w // 2 - 60, h - 35), "LPIPS-alex (lower = less visible)", fill="black")
-    d.text((5, 5), "protection = 1 - match rate", fill="black")
-    xmax = max([p["lpips_alex"] for p in points] + [0.05]) * 1.15
+    d.text((w // 2 - 150, h - 35), xlabel, fill="black")
+    d.text((5, 5), ylabel, fill="black")
+    xmax = max([p[x] for p in points] + [xmin_span]) * 1.15
+    px = lambda v: pad + (w - pad - 20) * v / xmax
     for i in range(5):
-        v = xmax * i / 4
-        x = pad + (w - pad - 20) * i / 4
-        d.text((x - 10, h - pad + 5), f"{v:.2f}", fill="black")
-        y = h - pad - (h - pad - 20) * i / 4
-        d.text((15, y - 5), f"{i / 4:.2f}", fill="black")
+        d.text((px(xmax * i / 4) - 10, h - pad + 5), f"{xmax * i / 4:.2f}", fill="black")
+        d.text((15, h - pad - (h - pad - 20) * i / 4 - 5), f"{i / 4:.2f}", fill="black")
+    if xline is not None and xline[0] < xmax:
+        d.line([(px(xline[0]), 20), (px(xline[0]), h - pad)], fill=(200, 200, 200))
+        d.text((px(xline[0]) + 3, 25), xline[1], fill=(120, 120, 120))
     for p in points:
-        x = pad + (w - pad - 20) * p["lpips_alex"] / xmax
-        y = h - pad - (h - pad - 20) * (1 - p["mean_match_rate"])
-        d.ellipse([x - 5, y - 5, x + 5, y + 5], fill=(31, 119, 180))
-        d.text((x + 7, y - 7), p["label"], fill="black")
+        cx, cy = px(p[x]), h - pad - (h - pad - 20) * p[y]
+        d.ellipse([cx - 5, cy - 5, cx + 5, cy + 5], fill=(31, 119, 180))
+        d.text((cx + 7, cy - 7), p["label"], fill="black")
     im.save(path)
+
+
+def _plot(points: list[dict], path: Path) -> None:
+    """Protection (1 - mean match rate) against LPIPS, one labelled point per setting."""
+    pts = [{**p, "protection": 1.0 - p["mean_match_rate"]} for p in points]
+    scatter_plot(pts, path, x="lpips_alex", y="protection", xlabel="LPIPS-alex (lower = less visible)",
+                 ylabel="protection = 1 - match rate")
+
+
+def _transform_rows(models, wb: dict, transfer: dict, key: str) -> list[str]:
+    """Markdown rows: per recogniser, ``key`` (a match rate) after each platform transform."""
+    fmt = lambda prot: " | ".join(f"{prot[t].get(key, float('nan')):.2f}" for t in TRANSFORMS)
+    rows = [f"| {m} (white-box) | " + fmt({t: wb["protection"][t][m] for t in TRANSFORMS}) + " |" for m in models]
+    rows += [f"| {m} (held out) | " + fmt(t["protection"]) + " |" for m, t in transfer.items()]
+    return rows
 
 
 TARGETS = {"white_box_match_rate": 0.05, "transfer_match_rate": 0.30, "lpips_alex": 0.10}
@@ -439,16 +456,10 @@ def write_report(report: dict, out_dir: Path, command: str = "") -> dict[str, Pa
     if any("match_rate_shipped" in v for v in wb["protection"]["none"].values()):
         L += ["", "## Match rate at each recogniser's shipped operating point (decides; see operating_points.json)", "",
               "| recogniser | " + " | ".join(TRANSFORMS) + " |", "|---" * (len(TRANSFORMS) + 1) + "|"]
-        for m in models:
-            L.append(f"| {m} (white-box) | " + " | ".join(f"{wb['protection'][t][m].get('match_rate_shipped', float('nan')):.2f}" for t in TRANSFORMS) + " |")
-        for m, t in report.get("transfer", {}).items():
-            L.append(f"| {m} (held out) | " + " | ".join(f"{t['protection'][k].get('match_rate_shipped', float('nan')):.2f}" for k in TRANSFORMS) + " |")
+        L += _transform_rows(models, wb, report.get("transfer", {}), "match_rate_shipped")
     L += ["", "## Robustness (match rate at the EER threshold after the cloaked gallery is post-processed)", "",
           "| recogniser | " + " | ".join(TRANSFORMS) + " |", "|---" * (len(TRANSFORMS) + 1) + "|"]
-    for m in models:
-        L.append(f"| {m} (white-box) | " + " | ".join(f"{wb['protection'][t][m]['match_rate']:.2f}" for t in TRANSFORMS) + " |")
-    for m, t in report.get("transfer", {}).items():
-        L.append(f"| {m} (held out) | " + " | ".join(f"{t['protection'][k]['match_rate']:.2f}" for k in TRANSFORMS) + " |")
+    L += _transform_rows(models, wb, report.get("transfer", {}), "match_rate")
     q = wb["quality"]
     if "face" in q:
         L += ["", "## Image quality on the faces (face box grown by 30%; this is what people look at)", "",

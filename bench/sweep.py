@@ -207,9 +207,9 @@ def _pareto(rows: list[dict], path: Path) -> None:
 def contact_sheet(name: str, out: Path, n: int = 6, window: int = 320, gain: float = 5.0) -> Path:
     """Face crops at 1:1 pixels, one row per photo: clean | cloaked | difference x ``gain``
     (mid-grey = unchanged). Faces larger than ``window`` show their central window."""
-    photos = _dataset()
-    cs = clean_set(photos, ())
-    gallery, _ = split_gallery(cs.photos)
+    gallery, _ = split_gallery(_dataset())
+    cs = clean_set(gallery, ())
+    gallery = cs.photos
     d = work_dir() / name
     by_size = sorted(gallery, key=lambda p: cs.faces[p.path].box[2] - cs.faces[p.path].box[0])
     pick = [by_size[round(i * (len(by_size) - 1) / max(1, n - 1))] for i in range(min(n, len(by_size)))]

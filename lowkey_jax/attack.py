@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -38,7 +39,7 @@ from lowkey_jax.perceptual import load_lpips
 from lowkey_jax.pipeline import psnr, similarities
 from lowkey_jax.recognizers import RECOGNIZERS, load_recognizer
 
-__all__ = ["Config", "Result", "Attack", "cloak", "prepare", "bucket_shape"]
+__all__ = ["Config", "Result", "Attack", "cloak", "prepare", "bucket_shape", "enable_compilation_cache"]
 
 # Working images are padded up to one of these side lengths (then multiples of 512), so a
 # folder of mixed photos compiles a handful of times rather than once per photo.
@@ -131,6 +132,52 @@ class Result:
     distance: float = 0.0
     seconds: float = 0.0
     working_shape: tuple[int, int] = (0, 0)
+
+
+# --- persistent compilation cache --------------------------------------------------------
+
+# Compiled programs are written to disk and reused by later processes, so a second run
+# spends its time cloaking, not compiling. Only programs that took at least this long to
+# compile are stored (the attack takes tens of seconds; MTCNN's P-Net / R-Net / O-Net and
+# the embedders of the verification pass take ~0.1-1 s each, and are worth keeping too).
+CACHE_MIN_COMPILE_SECONDS = 0.1
+NO_CACHE_ENV = "LOWKEY_JAX_NO_COMPILE_CACHE"
+
+
+def compilation_cache_dir():
+    """Where compiled programs are cached: ``$LOWKEY_JAX_HOME/xla-cache`` (default
+    ``~/.cache/lowkey-jax/xla-cache``), or None when ``$LOWKEY_JAX_NO_COMPILE_CACHE`` is set
+    to anything but ``""``/``0``."""
+    if os.environ.get(NO_CACHE_ENV, "") not in ("", "0"):
+        return None
+    from lowkey_jax.store import home
+
+    return home() / "xla-cache"
+
+
+def enable_compilation_cache() -> str | None:
+    """Turn on JAX's persistent compilation cache under :func:`compilation_cache_dir`.
+
+    Called by :func:`cloak` (and so by the CLI) before anything is compiled. Does nothing
+    when the user opted out (``$LOWKEY_JAX_NO_COMPILE_CACHE=1``) or already configured
+    ``jax_compilation_cache_dir`` themselves (that setting is kept). Returns the directory in
+    use, or None. Executables with host callbacks (``cloak(progress=...)``) are never stored
+    by JAX; without a progress callback the attack contains none.
+    """
+    current = jax.config.jax_compilation_cache_dir
+    if current:
+        return str(current)
+    path = compilation_cache_dir()
+    if path is None:
+        return None
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None  # a read-only home: run without the cache rather than fail
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECONDS)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return str(path)
 
 
 # --- geometry --------------------------------------------------------------------------
@@ -293,18 +340,22 @@ class Attack:
         self._fns: dict[tuple, Callable] = {}
         self.compiled_shapes: set[tuple] = set()
 
-    def _compiled(self, supersample: tuple[tuple[str, int], ...]) -> Callable:
-        """The jitted attack for one choice of per-model supersampling (a static setting)."""
-        if supersample not in self._fns:
-            self._fns[supersample] = jax.jit(
+    def _compiled(self, supersample: tuple[tuple[str, int], ...], progress: bool = False) -> Callable:
+        """The jitted attack for one choice of per-model supersampling (a static setting),
+        with a per-step host callback compiled in only when ``progress`` (a callback costs a
+        host round-trip per step and keeps the executable out of the persistent cache)."""
+        key = (supersample, bool(progress))
+        if key not in self._fns:
+            self._fns[key] = jax.jit(
                 partial(_attack_batch, config=self.config, graphdefs=self._graphdefs,
-                        chips={n: (r.input_size, dict(supersample).get(n, 1)) for n, r in self.recognizers.items()}),
+                        chips={n: (r.input_size, dict(supersample).get(n, 1)) for n, r in self.recognizers.items()},
+                        progress=bool(progress)),
                 in_shardings=(self._replicated, self._batch_sharding, self._batch_sharding,
                               self._batch_sharding, self._batch_sharding),
                 out_shardings=self._batch_sharding,
                 donate_argnums=(1,),
             )
-        return self._fns[supersample]
+        return self._fns[key]
 
     @property
     def n_devices(self) -> int:
@@ -329,7 +380,8 @@ class Attack:
         ])
         ss = chip_supersampling(items, self.config.models)
         self.compiled_shapes.add((len(padded), *bucket, slots, ss))
-        delta, distance, lp = self._compiled(ss)(self.params, *self._put((clean, pmask, geometry, keys)))
+        fn = self._compiled(ss, progress=_progress_hook[0] is not None)
+        delta, distance, lp = fn(self.params, *self._put((clean, pmask, geometry, keys)))
         return (np.asarray(delta)[:n], np.asarray(distance)[:n], np.asarray(lp)[:n])
 
 
@@ -349,8 +401,9 @@ def _jitter(geom: Geometry, key: jax.Array, amount: float, models: dict[str, Mod
     return geom._replace(transforms=out)
 
 
-def _attack_batch(params, clean, pmask, geometry, keys, *, config: Config, graphdefs, chips):
-    """[B, H, W, 3] clean photos -> (perturbation, final distance, final LPIPS), vmapped."""
+def _attack_batch(params, clean, pmask, geometry, keys, *, config: Config, graphdefs, chips, progress: bool = False):
+    """[B, H, W, 3] clean photos -> (perturbation, final distance, final LPIPS), vmapped.
+    ``progress`` (static): call the host progress hook after every step."""
     models = {
         name: Model(embed=nnx.merge(graphdefs[name], params[name]), chip_size=chips[name][0], supersample=chips[name][1])
         for name in config.models
@@ -377,7 +430,8 @@ def _attack_batch(params, clean, pmask, geometry, keys, *, config: Config, graph
                 g = _jitter(geom, jax.random.fold_in(jax.random.fold_in(key, 1), i), config.jitter, models)
             grad, _ = jax.grad(negative, has_aux=True)(delta, g)
             updates, state = optimiser.update(grad * mask, state, delta)
-            jax.debug.callback(_report_step, i + 1, config.steps)
+            if progress:
+                jax.debug.callback(_report_step, i + 1, config.steps)
             return optax.apply_updates(delta, updates), state
 
         delta, _ = jax.lax.fori_loop(0, config.steps, step, (delta, state))
@@ -443,6 +497,7 @@ def cloak(
       with ``no_face=True``.
     """
     config = config or Config()
+    enable_compilation_cache()
     arrays = [_as_uint8(im) for im in images]
     results: list[Result | None] = [None] * len(arrays)
     prepared: list[Prepared] = []

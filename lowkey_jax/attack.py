@@ -36,7 +36,7 @@ from lowkey_jax.detect import detect_faces
 from lowkey_jax.face import Face, face_slots
 from lowkey_jax.objective import Geometry, Model, clean_features, objective
 from lowkey_jax.perceptual import load_lpips
-from lowkey_jax.pipeline import psnr, similarities
+from lowkey_jax.pipeline import psnr, similarities_many
 from lowkey_jax.recognizers import RECOGNIZERS, load_recognizer
 
 __all__ = ["Config", "Result", "Attack", "cloak", "prepare", "bucket_shape", "enable_compilation_cache"]
@@ -138,9 +138,10 @@ class Result:
 
 # Compiled programs are written to disk and reused by later processes, so a second run
 # spends its time cloaking, not compiling. Only programs that took at least this long to
-# compile are stored (the attack takes tens of seconds; MTCNN's P-Net / R-Net / O-Net and
-# the embedders of the verification pass take ~0.1-1 s each, and are worth keeping too).
-CACHE_MIN_COMPILE_SECONDS = 0.1
+# compile are stored: all of them (the attack takes tens of seconds; MTCNN's networks,
+# the embedders and the many small eager ops take 0.01-1 s each; the whole cache holds a
+# few MB for a handful of photo shapes).
+CACHE_MIN_COMPILE_SECONDS = 0.0
 NO_CACHE_ENV = "LOWKEY_JAX_NO_COMPILE_CACHE"
 
 
@@ -280,6 +281,53 @@ def _stack_batch(items: Sequence[Prepared], bucket: tuple[int, int], slots: int,
     return np.stack(clean), np.stack(pmask), geometry
 
 
+# Faces attacked together in one photo: memory grows with the face slots of a compiled
+# call, so a crowd is attacked in passes of at most this many faces (peak RSS stays flat
+# however many faces a photo has).
+MAX_FACES_PER_PASS = 8
+# Face slots per compiled call, summed over its photos: photos with many faces go in
+# smaller batches (never fewer than one photo).
+FACE_SLOTS_PER_CALL = 16
+
+
+def face_passes(n_faces: int) -> int:
+    """How many passes a photo with ``n_faces`` faces is attacked in."""
+    return max(1, -(-n_faces // MAX_FACES_PER_PASS))
+
+
+def _face_subset(p: Prepared, k: int, working: np.ndarray) -> Prepared:
+    """Pass ``k`` of photo ``p``: its ``k``-th group of faces, starting from ``working``.
+
+    Each pass optimises a fresh perturbation on top of the photo as the previous passes
+    left it (their perturbation is part of its "clean" input, so the LPIPS term keeps it
+    and later passes do not undo it); the faces of earlier passes only see that pass's
+    LPIPS-driven changes, which the signed steps keep within a few ``step_size`` of zero.
+    """
+    if face_passes(len(p.faces)) == 1:
+        return p
+    sl = slice(k * MAX_FACES_PER_PASS, (k + 1) * MAX_FACES_PER_PASS)
+    return dataclasses.replace(
+        p, faces=p.faces[sl], working=working.astype(np.float32),
+        transforms={m: t[sl] for m, t in p.transforms.items()}, lpips_transforms=p.lpips_transforms[sl],
+    )
+
+
+def plan_batches(items: Sequence[Prepared], config: Config) -> list[list[Prepared]]:
+    """Group photos by compiled shape first (bucket, face slots, chip supersampling), then
+    cut each group into batches of ``config.batch_size`` photos (fewer for photos with many
+    faces: at most ``FACE_SLOTS_PER_CALL`` face slots per call). A folder of mixed photos
+    then runs in full batches and compiles once per distinct shape."""
+    groups: dict[tuple, list[Prepared]] = {}
+    for p in items:
+        key = (p.bucket, face_slots(len(p.faces)), chip_supersampling([p], config.models))
+        groups.setdefault(key, []).append(p)
+    batches = []
+    for (_, slots, _), members in groups.items():
+        size = max(1, min(config.batch_size, FACE_SLOTS_PER_CALL // slots))
+        batches += [members[i : i + size] for i in range(0, len(members), size)]
+    return batches
+
+
 def _photo_seed(image: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(image).data) & 0x7FFFFFFF
 
@@ -338,6 +386,7 @@ class Attack:
         self._replicated = NamedSharding(self.mesh, P())
         self.params = jax.device_put(params, self._replicated)
         self._fns: dict[tuple, Callable] = {}
+        self._lpips_fn: Callable | None = None
         self.compiled_shapes: set[tuple] = set()
 
     def _compiled(self, supersample: tuple[tuple[str, int], ...], progress: bool = False) -> Callable:
@@ -356,6 +405,13 @@ class Attack:
                 donate_argnums=(1,),
             )
         return self._fns[key]
+
+    def photo_lpips(self, clean: np.ndarray, adv: np.ndarray) -> float:
+        """LPIPS-AlexNet between two float32 ``[h, w, 3]`` working-resolution photos."""
+        if self._lpips_fn is None:
+            graphdef = self._graphdefs["lpips"]
+            self._lpips_fn = jax.jit(lambda params, a, b: nnx.merge(graphdef, params)(a[None], b[None])[0])
+        return float(self._lpips_fn(self.params["lpips"], jnp.asarray(clean), jnp.asarray(adv)))
 
     @property
     def n_devices(self) -> int:
@@ -510,37 +566,51 @@ def cloak(
     if not prepared:
         return results  # type: ignore[return-value]
     attack = _get_attack(config)
-    groups: dict[tuple, list[Prepared]] = {}
-    for p in prepared:
-        groups.setdefault(p.bucket, []).append(p)
+    current = {p.index: p.working for p in prepared}  # the photo as perturbed so far
+    distance = {p.index: 0.0 for p in prepared}
+    lpips_last = {p.index: 0.0 for p in prepared}
+    seconds = {p.index: 0.0 for p in prepared}
     _progress_hook[0] = progress
     try:
-        for bucket, members in groups.items():
-            for start in range(0, len(members), config.batch_size):
-                batch = members[start : start + config.batch_size]
+        # Crowded photos are attacked in passes of at most MAX_FACES_PER_PASS faces, each
+        # pass starting from the previous pass's perturbed photo (see ``face_passes``).
+        for k in range(max(face_passes(len(p.faces)) for p in prepared)):
+            items = [_face_subset(p, k, current[p.index]) for p in prepared if face_passes(len(p.faces)) > k]
+            for batch in plan_batches(items, config):
                 tb = time.perf_counter()
                 best = None
                 for r in range(config.restarts):
-                    delta, dist, lp = attack.run_batch(batch, r)
+                    delta, dist, lp = attack.run_batch(batch, r + k * config.restarts)
                     if best is None:
                         best = [delta, dist, lp]
                     else:
                         better = dist > best[1]
                         best[0][better], best[1][better], best[2][better] = delta[better], dist[better], lp[better]
                 share = (time.perf_counter() - tb) / len(batch)
-                for j, p in enumerate(batch):
-                    out = _apply(p, best[0][j])
-                    results[p.index] = Result(
-                        image=out, faces=p.faces, no_face=False, lpips=float(best[2][j]),
-                        psnr=psnr(p.image, out), distance=float(best[1][j]), seconds=share,
-                        working_shape=p.working.shape[:2],
-                    )
+                for j, it in enumerate(batch):
+                    h, w = it.working.shape[:2]
+                    current[it.index] = np.clip(it.working + best[0][j][:h, :w], 0.0, 1.0)
+                    distance[it.index] += float(best[1][j]) * len(it.faces)  # face-weighted mean below
+                    lpips_last[it.index] = float(best[2][j])
+                    seconds[it.index] += share
     finally:
         _progress_hook[0] = None
+    for p in prepared:
+        out = _apply(p, current[p.index] - p.working)
+        lp = lpips_last[p.index]
+        if face_passes(len(p.faces)) > 1:  # the last pass measured LPIPS against its own start
+            lp = attack.photo_lpips(p.working, current[p.index])
+        results[p.index] = Result(
+            image=out, faces=p.faces, no_face=False, lpips=lp, psnr=psnr(p.image, out),
+            distance=distance[p.index] / len(p.faces), seconds=seconds[p.index],
+            working_shape=p.working.shape[:2],
+        )
     if evaluate:
-        for p in prepared:
+        te = time.perf_counter()
+        measured = similarities_many([(p.image, results[p.index].image, p.faces) for p in prepared], config.models)
+        share = (time.perf_counter() - te) / len(prepared)
+        for p, (sims, detected) in zip(prepared, measured):
             r = results[p.index]
-            te = time.perf_counter()
-            r.similarity, r.detected_after = similarities(p.image, r.image, p.faces, config.models)
-            r.seconds += time.perf_counter() - te
+            r.similarity, r.detected_after = sims, detected
+            r.seconds += share
     return results  # type: ignore[return-value]

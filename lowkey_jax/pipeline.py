@@ -22,7 +22,7 @@ from lowkey_jax.face import Face, face_slots
 from lowkey_jax.metrics import paired_cosine
 from lowkey_jax.recognizers import load_recognizer
 
-__all__ = ["embed_faces", "match_faces", "similarities", "thresholds", "compare", "lpips_photos", "psnr", "ssim"]
+__all__ = ["embed_faces", "match_faces", "similarities", "similarities_many", "thresholds", "compare", "lpips_photos", "psnr", "ssim"]
 
 
 @cache
@@ -32,15 +32,32 @@ def _embedder(name: str):
     return lambda chips: fn(state, chips)
 
 
+# Chips per embedding call (padded to a power of two up to this): bounded memory, few
+# compiled shapes, whatever the number of photos and faces.
+EMBED_CHUNK = 32
+
+
+def _chips(image: np.ndarray, faces: list[Face], name: str) -> list[np.ndarray]:
+    img = jnp.asarray(image, jnp.float32) / jnp.float32(255.0)
+    return [np.asarray(_align.align(img, f, name, image=image)) for f in faces]
+
+
+def _embed_chips(chips: list[np.ndarray], name: str) -> np.ndarray:
+    """``[N, D]`` embeddings of aligned chips, in calls of at most ``EMBED_CHUNK`` chips."""
+    if not chips:
+        return np.zeros((0, load_recognizer(name).embed_dim), np.float32)
+    out = []
+    for start in range(0, len(chips), EMBED_CHUNK):
+        part = np.stack(chips[start : start + EMBED_CHUNK])
+        slots = face_slots(len(part))  # bucketed batch: few compiles
+        part = np.concatenate([part, np.repeat(part[:1], slots - len(part), axis=0)])
+        out.append(np.asarray(_embedder(name)(jnp.asarray(part)))[: min(EMBED_CHUNK, len(chips) - start)])
+    return np.concatenate(out)
+
+
 def embed_faces(image: np.ndarray, faces: list[Face], name: str) -> np.ndarray:
     """Native embeddings ``[F, D]`` of ``faces`` in uint8 ``image`` for recogniser ``name``."""
-    if not faces:
-        return np.zeros((0, load_recognizer(name).embed_dim), np.float32)
-    img = jnp.asarray(image, jnp.float32) / jnp.float32(255.0)
-    chips = np.stack([np.asarray(_align.align(img, f, name, image=image)) for f in faces])
-    slots = face_slots(len(faces))  # bucketed batch: few compiles
-    chips = np.concatenate([chips, np.repeat(chips[:1], slots - len(faces), axis=0)])
-    return np.asarray(_embedder(name)(jnp.asarray(chips)))[: len(faces)]
+    return _embed_chips(_chips(image, faces, name), name)
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -68,13 +85,32 @@ def similarities(clean: np.ndarray, cloaked: np.ndarray, faces: list[Face], mode
     face, the clean face's geometry is used instead (the conservative choice: it measures
     the recogniser as if detection had still succeeded); ``detected`` records which.
     """
-    found = match_faces(faces, detect_faces(cloaked))
-    detected = [f is not None for f in found]
-    after = [f if f is not None else c for f, c in zip(found, faces)]
-    sims = {}
+    return similarities_many([(clean, cloaked, faces)], models)[0]
+
+
+def similarities_many(items, models) -> list[tuple[dict[str, list[float]], list[bool]]]:
+    """:func:`similarities` for many ``(clean, cloaked, faces)`` photos at once: detection
+    runs per photo, but every recogniser embeds the chips of all photos together (in
+    batches of ``EMBED_CHUNK``), so the verification pass costs a few compiled calls rather
+    than two per photo and recogniser. Returns one ``(similarity, detected)`` per item."""
+    items = list(items)
+    afters, detected = [], []
+    for clean, cloaked, faces in items:
+        found = match_faces(faces, detect_faces(cloaked)) if faces else []
+        detected.append([f is not None for f in found])
+        afters.append([f if f is not None else c for f, c in zip(found, faces)])
+    sims: list[dict[str, list[float]]] = [{} for _ in items]
     for name in models:
-        sims[name] = [float(v) for v in paired_cosine(embed_faces(clean, faces, name), embed_faces(cloaked, after, name))]
-    return sims, detected
+        before, after = [], []
+        for (clean, cloaked, faces), moved in zip(items, afters):
+            before += _chips(clean, faces, name)
+            after += _chips(cloaked, moved, name)
+        cos = paired_cosine(_embed_chips(before, name), _embed_chips(after, name)) if before else np.zeros((0,))
+        k = 0
+        for out, (_, _, faces) in zip(sims, items):
+            out[name] = [float(v) for v in cos[k : k + len(faces)]]
+            k += len(faces)
+    return list(zip(sims, detected))
 
 
 @cache

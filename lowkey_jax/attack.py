@@ -44,6 +44,7 @@ __all__ = ["Config", "Result", "Attack", "cloak", "prepare", "bucket_shape", "en
 # Working images are padded up to one of these side lengths (then multiples of 512), so a
 # folder of mixed photos compiles a handful of times rather than once per photo.
 BUCKET_SIDES = (256, 384, 512, 768, 1024)
+PRECISIONS = ("highest", "high", "default")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,11 @@ class Config:
       jitter: expectation over alignment: each step sees every chip shifted by up to this
         fraction of its size and scaled by up to ``1 +- jitter`` (0: off, as the reference).
         A scraper re-detects faces in the cloaked photo, and its boxes move by a few percent.
+      precision: float32 matmul / convolution precision of the attack
+        (``jax.default_matmul_precision``): ``"highest"`` (default: true float32 on every
+        backend), ``"high"`` (TF32-like 3-pass bf16) or ``"default"`` (TF32 on NVIDIA
+        Ampere+, single-pass bf16 on TPU; faster). CPU computes float32 whatever is set.
+        ``tests/test_speed_accel.py`` bounds the objective's change between them.
     """
 
     steps: int = 50
@@ -85,6 +91,7 @@ class Config:
     batch_size: int = 4
     lpips_max_side: int = 512
     jitter: float = 0.0
+    precision: str = "highest"
 
     def __post_init__(self):
         object.__setattr__(self, "models", tuple(self.models))
@@ -101,6 +108,8 @@ class Config:
             raise ValueError("jitter must be in [0, 0.5)")
         if self.blur_kernel < 1 or self.blur_kernel % 2 == 0:
             raise ValueError("blur_kernel must be a positive odd integer")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
 @dataclasses.dataclass
@@ -496,7 +505,8 @@ def _attack_batch(params, clean, pmask, geometry, keys, *, config: Config, graph
         whole_photo_lpips = lpips(adv[None], x[None])[0] * geom.lpips_scale
         return adv - x, aux["distance"], whole_photo_lpips
 
-    return jax.vmap(one)(clean, pmask, geometry, keys)
+    with jax.default_matmul_precision(config.precision):
+        return jax.vmap(one)(clean, pmask, geometry, keys)
 
 
 # --- photos in, photos out --------------------------------------------------------------

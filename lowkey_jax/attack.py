@@ -426,10 +426,23 @@ class Attack:
     def n_devices(self) -> int:
         return len(self.mesh.devices.flat)
 
+    @property
+    def n_local_devices(self) -> int:
+        """Devices of this process in the mesh: each process pads its rows to a multiple."""
+        return sum(d.process_index == jax.process_index() for d in self.mesh.devices.flat)
+
     def _put(self, x):
         if jax.process_count() > 1:
             return jax.tree.map(lambda a: jax.make_array_from_process_local_data(self._batch_sharding, a), x)
         return jax.device_put(x, self._batch_sharding)
+
+    def _local(self, x) -> np.ndarray:
+        """This process's rows of a batch-sharded result, as numpy. (``np.asarray`` cannot
+        read an array spanning several processes: each reads its addressable shards.)"""
+        if jax.process_count() > 1:
+            shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+            return np.concatenate([np.asarray(s.data) for s in shards])
+        return np.asarray(x)
 
     def run_batch(self, items: Sequence[Prepared], restart: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Attack one batch of prepared photos sharing a bucket. Returns
@@ -437,7 +450,7 @@ class Attack:
         bucket = items[0].bucket
         slots = face_slots(max(len(p.faces) for p in items))
         n = len(items)
-        padded = list(items) + [items[-1]] * ((-n) % self.n_devices)
+        padded = list(items) + [items[-1]] * ((-n) % self.n_local_devices)
         clean, pmask, geometry = _stack_batch(padded, bucket, slots, self.config.models)
         keys = jnp.stack([
             jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.seed), _photo_seed(p.image)), restart)
@@ -447,7 +460,7 @@ class Attack:
         self.compiled_shapes.add((len(padded), *bucket, slots, ss))
         fn = self._compiled(ss, progress=_progress_hook[0] is not None)
         delta, distance, lp = fn(self.params, *self._put((clean, pmask, geometry, keys)))
-        return (np.asarray(delta)[:n], np.asarray(distance)[:n], np.asarray(lp)[:n])
+        return (self._local(delta)[:n], self._local(distance)[:n], self._local(lp)[:n])
 
 
 def _jitter(geom: Geometry, key: jax.Array, amount: float, models: dict[str, Model]) -> Geometry:

@@ -9,8 +9,14 @@ Multi-device: the batch axis is sharded over ``jax.devices()`` with a 1-D
 ``Mesh(("batch",))`` and ``NamedSharding``; parameters are replicated. On several hosts
 (a TPU pod slice, several GPU machines) call ``jax.distributed.initialize()`` in every
 process before the first ``cloak`` call and give each process its own photos: the global
-batch is assembled with ``jax.make_array_from_process_local_data``, and each process gets
-back its own rows.
+batch is assembled with ``jax.make_array_from_process_local_data``, and each process reads
+back its own rows from its addressable shards (``tests/test_multihost.py`` runs two CPU
+processes). The compiled calls are collective, so every process must make the same calls
+with the same shapes: give every process the same number of photos of the same bucket
+shape, face-slot count and chip supersampling (e.g. photos of one size with one face each).
+
+Compilation: :func:`enable_compilation_cache` (called by :func:`cloak`) stores compiled
+programs under ``$LOWKEY_JAX_HOME/xla-cache``, so later processes skip compilation.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lowkey_jax import align as _align
-from lowkey_jax.detect import detect_faces
+from lowkey_jax.detect import DETECT_SIDE, detect_faces
 from lowkey_jax.face import Face, face_slots
 from lowkey_jax.objective import Geometry, Model, clean_features, objective
 from lowkey_jax.perceptual import load_lpips
@@ -581,7 +587,7 @@ def cloak(
     results: list[Result | None] = [None] * len(arrays)
     prepared: list[Prepared] = []
     for i, img in enumerate(arrays):
-        faces = detect_faces(img)
+        faces = detect_faces(img, max_side=DETECT_SIDE)
         if not faces:
             results[i] = Result(image=img, faces=[], no_face=True, working_shape=img.shape[:2])
         else:
@@ -630,7 +636,8 @@ def cloak(
         )
     if evaluate:
         te = time.perf_counter()
-        measured = similarities_many([(p.image, results[p.index].image, p.faces) for p in prepared], config.models)
+        measured = similarities_many([(p.image, results[p.index].image, p.faces) for p in prepared], config.models,
+                                     detect_side=DETECT_SIDE)
         share = (time.perf_counter() - te) / len(prepared)
         for p, (sims, detected) in zip(prepared, measured):
             r = results[p.index]

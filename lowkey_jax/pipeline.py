@@ -88,15 +88,17 @@ def similarities(clean: np.ndarray, cloaked: np.ndarray, faces: list[Face], mode
     return similarities_many([(clean, cloaked, faces)], models)[0]
 
 
-def similarities_many(items, models) -> list[tuple[dict[str, list[float]], list[bool]]]:
+def similarities_many(items, models, detect_side: int | None = None) -> list[tuple[dict[str, list[float]], list[bool]]]:
     """:func:`similarities` for many ``(clean, cloaked, faces)`` photos at once: detection
     runs per photo, but every recogniser embeds the chips of all photos together (in
     batches of ``EMBED_CHUNK``), so the verification pass costs a few compiled calls rather
-    than two per photo and recogniser. Returns one ``(similarity, detected)`` per item."""
+    than two per photo and recogniser. ``detect_side``: ``detect_faces(max_side=...)`` for
+    the re-detection (``cloak`` passes the setting its own detection used; ``None``: full
+    resolution). Returns one ``(similarity, detected)`` per item."""
     items = list(items)
     afters, detected = [], []
     for clean, cloaked, faces in items:
-        found = match_faces(faces, detect_faces(cloaked)) if faces else []
+        found = match_faces(faces, detect_faces(cloaked, max_side=detect_side)) if faces else []
         detected.append([f is not None for f in found])
         afters.append([f if f is not None else c for f, c in zip(found, faces)])
     sims: list[dict[str, list[float]]] = [{} for _ in items]

@@ -587,7 +587,7 @@ def cloak(
     results: list[Result | None] = [None] * len(arrays)
     prepared: list[Prepared] = []
     for i, img in enumerate(arrays):
-        faces = detect_faces(img, max_side=DETECT_SIDE)
+        faces = detect_faces(img, max_side=max(config.max_side, DETECT_SIDE))
         if not faces:
             results[i] = Result(image=img, faces=[], no_face=True, working_shape=img.shape[:2])
         else:
@@ -637,7 +637,7 @@ def cloak(
     if evaluate:
         te = time.perf_counter()
         measured = similarities_many([(p.image, results[p.index].image, p.faces) for p in prepared], config.models,
-                                     detect_side=DETECT_SIDE)
+                                     detect_side=max(config.max_side, DETECT_SIDE))
         share = (time.perf_counter() - te) / len(prepared)
         for p, (sims, detected) in zip(prepared, measured):
             r = results[p.index]

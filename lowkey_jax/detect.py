@@ -460,9 +460,11 @@ def detect_faces(image, *, min_face_size: float = 20, thresholds: Sequence[float
       thresholds: P-Net, R-Net and O-Net face-probability thresholds.
       factor: scale ratio between successive pyramid levels, in ``(0, 1)``.
       max_side: search as if the photo's longest side were at most this many pixels: on a
-        larger photo the smallest face searched grows to ``min_face_size * longest /
-        max_side``, which drops the largest (costliest) pyramid levels. R-Net and O-Net
-        still see full-resolution crops, so boxes and landmarks keep their precision.
+        larger photo faces smaller than ``min_face_size * longest / max_side`` are not
+        searched, i.e. the largest (costliest) pyramid levels are dropped; the remaining
+        levels are the full-resolution pyramid's own, and R-Net / O-Net see the same
+        full-resolution crops, so the faces found keep the full-resolution boxes and
+        landmarks (up to candidates the dropped levels would have merged in NMS).
         ``None`` (default): full resolution, the original MTCNN. The attack and its
         verification use :data:`DETECT_SIDE` (chosen by ``bench/bench.py detect-side``).
 
@@ -478,11 +480,13 @@ def detect_faces(image, *, min_face_size: float = 20, thresholds: Sequence[float
     img, unit = _as_image(image)
     min_face_size, thresholds, factor = _check_params(min_face_size, thresholds, factor)
     h, w, _ = img.shape
+    scales = _pyramid(h, w, min_face_size, factor)
     if max_side is not None:
         if max_side < PNET_CELL:
             raise ValueError(f"max_side must be at least {PNET_CELL}, got {max_side}")
-        min_face_size = max(min_face_size, min_face_size * max(h, w) / max_side)
-    scales = _pyramid(h, w, min_face_size, factor)
+        # drop the finest levels; the rest are exactly the full-resolution pyramid's
+        limit = PNET_CELL / (min_face_size * max(h, w) / max_side) * (1.0 + 1e-9)
+        scales = [sc for sc in scales if sc <= limit] if max(h, w) > max_side else scales
     if not scales:
         return []
     sat = _summed_area_table(img, unit)

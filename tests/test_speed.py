@@ -225,3 +225,23 @@ def test_cli_no_verify(tmp_path, monkeypatch):
     calls.clear()
     r = runner.invoke(cli.app, ["cloak", str(tmp_path), "--overwrite", "--steps", "1"])
     assert r.exit_code == 0 and calls == [(6, None, True)] and "similarity to the original sface 0.10" in r.output
+
+
+def test_reduced_resolution_detection_keeps_the_faces(shared):
+    """On large photos ``max_side`` only drops the finest pyramid levels: the same faces,
+    the same landmarks (within 0.1% of the inter-ocular distance) as full resolution."""
+    from lowkey_jax.detect import DETECT_SIDE, detect_faces
+    from lowkey_jax.imageio import read_image
+    from lowkey_jax.pipeline import match_faces
+
+    for name in ("img1.jpg", "couple.jpg"):  # 1382x1868, 2280x1588 (two faces)
+        img = read_image(shared / "faces" / "celebs" / name).rgb
+        assert max(img.shape[:2]) > DETECT_SIDE
+        full, reduced = detect_faces(img), detect_faces(img, max_side=DETECT_SIDE)
+        assert len(reduced) == len(full) >= 1
+        for a, b in zip(full, match_faces(full, reduced)):
+            assert b is not None
+            err = np.max(np.linalg.norm(a.landmarks - b.landmarks, axis=1)) / a.inter_ocular
+            assert err < 1e-3, (name, err)
+    with pytest.raises(ValueError, match="max_side"):
+        detect_faces(np.zeros((64, 64, 3), np.uint8), max_side=8)

@@ -6,6 +6,10 @@ from which ``python bench/readme_tables.py`` renders the README's tables).
     python bench/bench.py all --out docs/benchmarks.md     # everything on this machine
     python bench/bench.py lpips                            # one measurement
     python bench/bench.py gpu                              # photos/s on an accelerator
+    python bench/bench.py gpu --smoke                      # the same script, tiny, on CPU
+    python bench/bench.py quickstart                       # the quick-start command, cold + warm
+    python bench/bench.py folder                           # 12 mixed photos through the CLI
+    python bench/bench.py crowd                            # a many-face photo: RSS and time
 
 Peak memory is the process's peak resident set size (``ru_maxrss``) on CPU, and the
 device's ``peak_bytes_in_use`` where the backend reports it.
@@ -156,13 +160,14 @@ def _photo(size: int):
     return np.asarray(im)
 
 
-def bench_attack(batch: int = 1, size: int = 512) -> dict:
+def bench_attack(batch: int = 1, size: int = 512, *, steps: int = 50, models=("dlib", "facenet", "sface"),
+                 precision: str = "highest", peak: float | None = None) -> dict:
     """Seconds per photo for the default attack, compile time, FLOP/s vs matmul peak."""
 
     from lowkey_jax.attack import Attack, Config, prepare
     from lowkey_jax.detect import detect_faces
 
-    cfg = Config(batch_size=batch)
+    cfg = Config(batch_size=batch, steps=steps, models=tuple(models), precision=precision)
     img = _photo(size)
     faces = detect_faces(img)
     prepared = [prepare(i, img, faces[:1], cfg) for i in range(batch)]
@@ -171,17 +176,18 @@ def bench_attack(batch: int = 1, size: int = 512) -> dict:
     attack.run_batch(prepared, 0)
     first = time.perf_counter() - t
     t = time.perf_counter()
-    attack.run_batch(prepared, 0)
+    out = attack.run_batch(prepared, 0)
     steady = time.perf_counter() - t
     flops = _attack_flops(cfg, prepared[0]) * batch
-    peak = matmul_peak()
+    peak = peak or matmul_peak()
     box = faces[0].box
     ss = dict(next(iter(attack.compiled_shapes))[-1])
     return {"what": f"attack {size}x{size}, 1 face ({box[2] - box[0]:.0f} px wide), batch {batch}, {cfg.steps} steps, "
                     f"models {','.join(cfg.models)}, chip supersampling {ss or 'none'}",
             "s_per_photo": steady / batch, "photos_per_s": batch / steady, "compile_plus_first_s": first,
             "gflop_per_photo": flops / 1e9 / batch, "achieved_gflops": flops / steady / 1e9,
-            "matmul_peak_gflops": peak / 1e9, "fraction_of_peak": flops / steady / peak, "peak_mib": _peak_mib()}
+            "matmul_peak_gflops": peak / 1e9, "fraction_of_peak": flops / steady / peak, "peak_mib": _peak_mib(),
+            "distance": float(out[1][0])}
 
 
 def _attack_flops(cfg, p) -> float:
@@ -210,48 +216,83 @@ def _attack_flops(cfg, p) -> float:
     return cfg.steps * step + forward
 
 
-def bench_gpu() -> list[dict]:
-    """Photos/s at batch 8/32/64 for 512x512 and 1024x1024 (for an accelerator)."""
-    out = []
-    for size in (512, 1024):
-        for batch in (8, 32, 64):
-            try:
-                r = bench_attack(batch, size)
-            except Exception as e:  # e.g. out of memory at the largest batch
-                r = {"what": f"attack {size} batch {batch}", "error": f"{type(e).__name__}: {e}"[:300]}
-            print(json.dumps({**r, **_machine()}), flush=True)
-            out.append(r)
+def _objective_value(size: int, steps: int, precision: str, models: tuple[str, ...]) -> float:
+    """Final ensemble distance of the attack on the standard photo (one face), batch 1."""
+    from lowkey_jax.attack import Attack, Config, prepare
+    from lowkey_jax.detect import detect_faces
+
+    cfg = Config(batch_size=1, steps=steps, precision=precision, models=models)
+    img = _photo(size)
+    p = prepare(0, img, detect_faces(img)[:1], cfg)
+    return float(Attack(cfg).run_batch([p], 0)[1][0])
+
+
+def bench_objective_cpu(size: int = 512, steps: int = 5, models: str = "dlib,facenet,sface") -> dict:
+    """The reference objective value on the CPU (``gpu`` runs this in a CPU-only child)."""
+    return {"what": "objective on cpu", "distance": _objective_value(size, steps, "highest", tuple(models.split(",")))}
+
+
+def bench_gpu(smoke: bool = False) -> list[dict]:
+    """For an accelerator: photos/s at batch 8/32/64/128 for 512x512 and 1024x1024, compile
+    time and peak memory per setting, and the objective's value on the device (float32
+    "highest" and "default" precision) against the CPU's. One JSON line each.
+
+    ``--smoke``: a tiny setting (256x256, batch 1/2, 2 steps, SFace only) that runs on CPU
+    in a minute, to check the script itself."""
+    sizes, batches = ((256,), (1, 2)) if smoke else ((512, 1024), (8, 32, 64, 128))
+    steps, models = (2, ("sface",)) if smoke else (50, ("dlib", "facenet", "sface"))
+    machine = _machine()
+    peak = matmul_peak()
+    out = [{"what": "matmul peak", "matmul_peak_gflops": peak / 1e9, **machine}]
+    print(json.dumps(out[-1]), flush=True)
+    for precision in ("highest", "default"):
+        for size in sizes:
+            for batch in batches:
+                try:
+                    r = bench_attack(batch, size, steps=steps, models=models, precision=precision, peak=peak)
+                except Exception as e:  # e.g. out of memory at the largest batch
+                    r = {"what": f"attack {size} batch {batch} precision {precision}", "error": f"{type(e).__name__}: {e}"[:300]}
+                r["precision"] = precision
+                print(json.dumps({**r, **machine}), flush=True)
+                out.append(r)
+    # objective value on the device vs the CPU (a CPU-only child process computes the latter)
+    size, ref_steps = sizes[0], 2 if smoke else 5
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, __file__, "objective-cpu", "--size", str(size), "--steps", str(ref_steps),
+                           "--models", ",".join(models)], capture_output=True, text=True, env=env)
+    cpu = json.loads(proc.stdout.strip().splitlines()[-1])["distance"] if proc.returncode == 0 else float("nan")
+    for precision in ("highest", "default"):
+        dev = _objective_value(size, ref_steps, precision, models)
+        r = {"what": f"objective after {ref_steps} steps, {size}x{size}, precision {precision}", "device_distance": dev,
+             "cpu_distance": cpu, "relative_difference": abs(dev - cpu) / max(abs(cpu), 1e-12), **machine}
+        print(json.dumps(r), flush=True)
+        out.append(r)
     return out
 
 
 def bench_buckets(folder: Path | None = None) -> dict:
     """How many times a folder of mixed photos compiles: the distinct (batch, bucket shape,
-    face slots, chip supersampling) of ``cloak``'s grouping, from detection and preparation
-    only."""
-    from lowkey_jax.attack import Config, chip_supersampling, prepare
+    face slots, chip supersampling) of ``cloak``'s plan (``attack.plan_batches``: grouped by
+    compiled shape first, then batched), from detection and preparation only."""
+    from lowkey_jax.attack import Config, chip_supersampling, plan_batches, prepare
+    from lowkey_jax.detect import DETECT_SIDE, detect_faces
     from lowkey_jax.face import face_slots
-    from lowkey_jax.detect import detect_faces
     from lowkey_jax.imageio import read_image
 
     folder = folder or SHARED / "faces" / "celebs"
     cfg = Config()
-    groups: dict[tuple, list] = {}
-    n = 0
+    items = []
     for path in sorted(folder.glob("*.jpg")):
         img = read_image(path).rgb
-        faces = detect_faces(img)
+        faces = detect_faces(img, max_side=max(cfg.max_side, DETECT_SIDE))
         if faces:
-            p = prepare(n, img, faces, cfg)
-            groups.setdefault(p.bucket, []).append(p)
-            n += 1
-    shapes = set()
-    for bucket, members in groups.items():
-        for i in range(0, len(members), cfg.batch_size):
-            chunk = members[i : i + cfg.batch_size]
-            shapes.add((len(chunk), *bucket, face_slots(max(len(p.faces) for p in chunk)),
-                        chip_supersampling(chunk, cfg.models)))
-    return {"what": f"compiled attack shapes for {n} photos of {folder.name} (batch_size {cfg.batch_size}, max_side {cfg.max_side})",
-            "photos": n, "buckets": len(groups), "compiled_shapes": len(shapes)}
+            items.append(prepare(len(items), img, faces, cfg))
+    batches = plan_batches(items, cfg)
+    shapes = {(len(b), *b[0].bucket, face_slots(max(len(p.faces) for p in b)), chip_supersampling(b, cfg.models))
+              for b in batches}
+    return {"what": f"compiled attack shapes for {len(items)} photos of {folder.name} (batch_size {cfg.batch_size}, max_side {cfg.max_side})",
+            "photos": len(items), "buckets": len({p.bucket for p in items}), "batches": len(batches),
+            "compiled_shapes": len(shapes)}
 
 
 def bench_attack_large() -> dict:
@@ -260,13 +301,169 @@ def bench_attack_large() -> dict:
     return bench_attack(1, 1024)
 
 
+# --- end-to-end CLI runs (what a user waits for) -------------------------------------------
+
+FOLDER12 = ("img5.jpg", "img10.jpg", "img12.jpg", "img16.jpg", "img20.jpg", "img25.jpg",
+            "img27.jpg", "img30.jpg", "img35.jpg", "img44.jpg", "img2.jpg", "img1.jpg")  # 330x512 .. 1382x1868
+
+
+def _temp_home(tmp: Path) -> Path:
+    """A fresh ``$LOWKEY_JAX_HOME`` sharing the converted weights but with an empty
+    compilation cache (so "cold" really is cold)."""
+    from lowkey_jax.store import home
+
+    h = tmp / "home"
+    h.mkdir(parents=True)
+    for sub in ("weights", "artifacts"):
+        (h / sub).symlink_to(home() / sub, target_is_directory=True)
+    return h
+
+
+def _cli(args: list[str], home: Path) -> dict:
+    """Run ``lowkey-jax ARGS`` in a child process: wall seconds, CPU seconds, peak RSS."""
+    env = {**os.environ, "LOWKEY_JAX_HOME": str(home), "PYTHONPATH": str(ROOT)}
+    t = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", "from lowkey_jax.cli import main; main()", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mib": usage.ru_maxrss / 1024,
+            "exit": proc.returncode, "last_line": [ln for ln in out.splitlines() if ln.startswith("Done")][-1:]}
+
+
+def _normalised(seconds: float, peak: float) -> float:
+    """Seconds as they would be on a machine with a 400 GFLOP/s float32 matmul peak."""
+    return seconds * peak / 400e9
+
+
+def bench_quickstart() -> dict:
+    """The README's quick-start command twice, end to end: cold (empty compilation cache)
+    and warm (second run), with the matmul peak measured before and after."""
+    import tempfile
+
+    peak0 = matmul_peak()
+    with tempfile.TemporaryDirectory() as tmp:
+        home = _temp_home(Path(tmp))
+        args = ["cloak", str(SHARED / "faces" / "celebs" / "img1.jpg"), "-o", str(Path(tmp) / "out"), "--overwrite"]
+        cold = _cli(args, home)
+        warm = _cli(args, home)
+        cache = home / "xla-cache"
+        entries = list(cache.iterdir()) if cache.is_dir() else []
+        cache_mib = sum(p.stat().st_size for p in entries) / 2**20
+    peak = (peak0 + matmul_peak()) / 2
+    return {"what": "quick-start command (img1.jpg, 1382x1868, default settings), cold then warm cache",
+            "cold": cold, "warm": warm, "cache_entries": len(entries), "cache_mib": cache_mib,
+            "matmul_peak_gflops": peak / 1e9, "warm_normalised_s": _normalised(warm["wall_s"], peak)}
+
+
+def bench_folder() -> dict:
+    """12 mixed celebs photos through the CLI twice (cold, then warm cache): seconds per photo
+    and peak RSS."""
+    import tempfile
+
+    peak0 = matmul_peak()
+    with tempfile.TemporaryDirectory() as tmp:
+        home = _temp_home(Path(tmp))
+        folder = Path(tmp) / "in"
+        folder.mkdir()
+        for name in FOLDER12:
+            (folder / name).symlink_to(SHARED / "faces" / "celebs" / name)
+        args = ["cloak", str(folder), "-o", str(Path(tmp) / "out"), "--overwrite"]
+        cold = _cli(args, home)
+        warm = _cli(args, home)
+    peak = (peak0 + matmul_peak()) / 2
+    n = len(FOLDER12)
+    return {"what": f"folder of {n} mixed celebs photos (330x512 .. 1382x1868), CLI, cold then warm cache",
+            "cold": cold, "warm": warm, "warm_s_per_photo": warm["wall_s"] / n,
+            "matmul_peak_gflops": peak / 1e9, "warm_normalised_s_per_photo": _normalised(warm["wall_s"] / n, peak)}
+
+
+def _crowd(tiles: int = 2):
+    """``selfie-many-people.jpg`` tiled ``tiles x tiles``: a crowd photo; and a one-face photo
+    of the same size (``img25.jpg`` resized)."""
+    import numpy as np
+    from PIL import Image
+
+    im = np.asarray(Image.open(SHARED / "faces" / "celebs" / "selfie-many-people.jpg").convert("RGB"))
+    crowd = np.concatenate([np.concatenate([im] * tiles, axis=1)] * tiles, axis=0)
+    h, w = crowd.shape[:2]
+    one = np.asarray(Image.open(SHARED / "faces" / "celebs" / "img25.jpg").convert("RGB").resize((w, h)))
+    return crowd, one
+
+
+def bench_crowd(runs: int = 2) -> dict:
+    """Peak RSS and time of the CLI on a many-face photo (tiled selfie) against a one-face
+    photo of the same size; each run ``runs`` times (the last reported: with ``runs=2`` the
+    second, warm compilation cache; with 1, both cold)."""
+    import tempfile
+
+    from PIL import Image
+
+    from lowkey_jax.detect import DETECT_SIDE, detect_faces
+
+    peak0 = matmul_peak()
+    crowd, one = _crowd()
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        home = _temp_home(Path(tmp))
+        for name, img in (("crowd", crowd), ("one_face", one)):
+            path = Path(tmp) / f"{name}.png"
+            Image.fromarray(img).save(path)
+            args = ["cloak", str(path), "-o", str(Path(tmp) / "out"), "--overwrite"]
+            for _ in range(runs):
+                out[name] = _cli(args, home)
+            out[name]["faces"] = len(detect_faces(img, max_side=DETECT_SIDE))
+    peak = (peak0 + matmul_peak()) / 2
+    return {"what": f"crowd photo {crowd.shape[1]}x{crowd.shape[0]} (tiled selfie) vs one face, same size, "
+                    f"{'warm' if runs > 1 else 'cold'} cache",
+            **out, "time_ratio": out["crowd"]["wall_s"] / out["one_face"]["wall_s"], "matmul_peak_gflops": peak / 1e9}
+
+
+def bench_detect_side() -> list[dict]:
+    """``detect_faces(max_side=S)`` against full resolution on every celebs photo: faces
+    missed, worst landmark error in % of the inter-ocular distance, time."""
+    import numpy as np
+
+    from lowkey_jax.detect import detect_faces
+    from lowkey_jax.imageio import read_image
+    from lowkey_jax.pipeline import match_faces
+
+    sides = (640, 800, 1024, 1280)
+    stats = {s: {"missed": 0, "max_err": 0.0, "t": 0.0} for s in sides}
+    t_full, n_faces, n = 0.0, 0, 0
+    for path in sorted((SHARED / "faces" / "celebs").glob("*.jpg")):
+        img = read_image(path).rgb
+        t = time.perf_counter()
+        full = detect_faces(img)
+        t_full += time.perf_counter() - t
+        n_faces += len(full)
+        n += 1
+        for s in sides:
+            t = time.perf_counter()
+            red = detect_faces(img, max_side=s)
+            stats[s]["t"] += time.perf_counter() - t
+            for a, b in zip(full, match_faces(full, red)):
+                if b is None:
+                    stats[s]["missed"] += 1
+                else:
+                    err = float(np.max(np.linalg.norm(a.landmarks - b.landmarks, axis=1))) / a.inter_ocular * 100
+                    stats[s]["max_err"] = max(stats[s]["max_err"], err)
+    return [{"what": f"detection at max_side {s} vs full resolution, {n} celebs photos, {n_faces} faces",
+             "faces_missed": v["missed"], "max_landmark_error_pct_iod": v["max_err"], "seconds": v["t"],
+             "full_resolution_seconds": t_full} for s, v in stats.items()]
+
+
 JOBS = {"lpips": bench_lpips, "recognizers": bench_recognizers, "detect": bench_detect,
-        "attack": bench_attack, "attack-large": bench_attack_large, "gpu": bench_gpu, "buckets": bench_buckets}
+        "attack": bench_attack, "attack-large": bench_attack_large, "gpu": bench_gpu, "buckets": bench_buckets,
+        "quickstart": bench_quickstart, "folder": bench_folder, "crowd": bench_crowd, "detect-side": bench_detect_side,
+        "objective-cpu": bench_objective_cpu}
 
 
 def _run_all(out: Path | None) -> None:
     rows = []
-    for job in ("lpips", "recognizers", "detect", "attack", "attack-large"):
+    for job in ("lpips", "recognizers", "detect", "attack", "attack-large", "quickstart", "folder", "crowd"):
         proc = subprocess.run([sys.executable, __file__, job], capture_output=True, text=True)
         if proc.returncode != 0:
             rows.append({"what": job, "error": proc.stderr.strip().splitlines()[-1:]})
@@ -295,13 +492,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("job", choices=[*JOBS, "all", "machine"])
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--smoke", action="store_true", help="gpu: a tiny setting that runs on CPU")
+    ap.add_argument("--runs", type=int, default=2, help="crowd: CLI runs per photo (the last is reported)")
+    ap.add_argument("--size", type=int, default=512, help="objective-cpu: photo side")
+    ap.add_argument("--steps", type=int, default=5, help="objective-cpu: attack steps")
+    ap.add_argument("--models", default="dlib,facenet,sface", help="objective-cpu: recognisers")
     args = ap.parse_args()
     if args.job == "all":
         _run_all(args.out)
     elif args.job == "machine":
         print(json.dumps(_machine()))
     elif args.job == "gpu":
-        bench_gpu()
+        bench_gpu(args.smoke)
+    elif args.job == "crowd":
+        print(json.dumps(bench_crowd(args.runs)))
+    elif args.job == "objective-cpu":
+        print(json.dumps(bench_objective_cpu(args.size, args.steps, args.models)))
     else:
         res = JOBS[args.job]()
         for r in res if isinstance(res, list) else [res]:

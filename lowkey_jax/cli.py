@@ -196,11 +196,18 @@ def _device_line() -> str:
     return f"{jax.default_backend()} ({len(devs)} x {devs[0].device_kind})"
 
 
-def _run_attack(images: list[np.ndarray], config, progress):
+def _run_attack(images: list[np.ndarray], config, progress, evaluate: bool = True):
     """The attack (``lowkey_jax.attack.cloak``), imported lazily. Tests may replace this."""
     from lowkey_jax.attack import cloak as _cloak
 
-    return _cloak(images, config, progress=progress)
+    return _cloak(images, config, progress=progress, evaluate=evaluate)
+
+
+# Photos handed to one ``cloak`` call: it groups them by compiled shape and then batches
+# them (``--batch-size``), so a mixed folder runs in full batches. Bounded so memory stays
+# flat however many photos: at most this many, holding at most this many decoded pixels.
+CHUNK_PHOTOS = 64
+CHUNK_PIXELS = 96_000_000  # ~290 MB of RGB, ~8 photos of 12 megapixels
 
 
 def _make_config(**kw):
@@ -245,6 +252,7 @@ def cloak_command(
     keep_metadata: Annotated[bool, typer.Option("--keep-metadata", help="Keep EXIF (including GPS!) in the outputs. Default: strip EXIF, GPS and XMP; only the colour profile is kept.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs (default: skip photos whose output exists).")] = False,
     device: Annotated[Device | None, typer.Option("--device", case_sensitive=False, help="JAX platform (default: the best available).")] = None,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="After cloaking, re-detect and re-embed every face with every recogniser and print the similarity to the original (default; --no-verify is faster).")] = True,
 ) -> None:
     """Cloak photos so face recognition no longer matches them to you.
 
@@ -286,6 +294,7 @@ def cloak_command(
         "device": device_name,
         "output": str(output) if output is not None else None,
         "recursive": recursive,
+        "verify": verify,
     }
 
     # ---- plan
@@ -310,17 +319,19 @@ def cloak_command(
     bar = tqdm(total=len(todo), desc="photos", unit="photo", disable=None if todo else True, file=sys.stderr)
     try:
         pending: list[tuple[Job, LoadedImage]] = []
+        pixels = 0
         for i, job in enumerate(todo):
             try:
                 loaded = read_image(job.input)
                 job.size, job.format = loaded.size, loaded.format
                 job.notes.extend(loaded.notes)
                 pending.append((job, loaded))
+                pixels += int(loaded.rgb.shape[0]) * int(loaded.rgb.shape[1])
             except ImageError as e:
                 job.status, job.reason = "failed", str(e)
                 _say(_line(job))
                 bar.update(1)
-            if pending and (len(pending) >= batch_size or i == len(todo) - 1):
+            if pending and (len(pending) >= CHUNK_PHOTOS or pixels >= CHUNK_PIXELS or i == len(todo) - 1):
                 if config is None:
                     try:
                         config = _make_config(
@@ -333,8 +344,8 @@ def cloak_command(
                     budget = (f"budget {settings['epsilon'] * 255:.0f}/255, " if settings.get("epsilon") else "")
                     _say(f"lowkey-jax {__version__} on {device_line}: level {level_name}, {settings['steps']} steps, "
                          f"{budget}alpha {settings['alpha']:g}, models {','.join(model_names)}")
-                _process(pending, config, fmt, quality, keep_metadata, overwrite, bar)
-                pending = []
+                _process(pending, config, fmt, quality, keep_metadata, overwrite, bar, verify)
+                pending, pixels = [], 0
     except KeyboardInterrupt:
         interrupted = True
         for j in jobs:
@@ -376,24 +387,33 @@ def cloak_command(
         raise typer.Exit(EXIT_FAILED)
 
 
-def _process(pending: list[tuple[Job, LoadedImage]], config, fmt, quality, keep_metadata, overwrite, bar) -> None:
+def _process(pending: list[tuple[Job, LoadedImage]], config, fmt, quality, keep_metadata, overwrite, bar, verify: bool = True) -> None:
     """Cloak a chunk of loaded photos and write them; one failure never stops the rest.
 
-    The chunk is attacked as one batch; if that raises, each photo is retried alone so that
-    only the photo that breaks it fails. KeyboardInterrupt and WeightsError stop the run.
+    The chunk is attacked by one ``cloak`` call (which groups it by compiled shape, then
+    batches); if that raises, each photo is retried alone so that only the photo that
+    breaks it fails. KeyboardInterrupt and WeightsError stop the run.
+
+    Progress: no per-step callback is passed (it would cost a host round-trip per step and
+    keep the compiled attack out of the persistent cache); a clock line ticks instead.
     """
+    import threading
+
     from tqdm import tqdm
 
-    steps_bar = tqdm(total=config.steps, desc="  steps", unit="step", leave=False, disable=None, file=sys.stderr)
+    clock = tqdm(total=None, desc="  cloaking", bar_format="{desc} {elapsed}", leave=False, disable=None, file=sys.stderr)
+    stop = threading.Event()
 
-    def progress(step: int, total: int) -> None:
-        if step < steps_bar.n:  # a new restart
-            steps_bar.reset(total=total)
-        steps_bar.update(step - steps_bar.n)
+    def tick() -> None:
+        while not stop.wait(1.0):
+            clock.refresh()
+
+    ticker = threading.Thread(target=tick, daemon=True)
+    ticker.start()
 
     def attack(items):
-        steps_bar.reset(total=config.steps)
-        results = list(_run_attack([loaded.rgb for _, loaded in items], config, progress))
+        images = [loaded.rgb for _, loaded in items]
+        results = list(_run_attack(images, config, None) if verify else _run_attack(images, config, None, evaluate=False))
         if len(results) != len(items):
             raise RuntimeError(f"the attack returned {len(results)} results for {len(items)} photos")
         return results
@@ -418,7 +438,9 @@ def _process(pending: list[tuple[Job, LoadedImage]], config, fmt, quality, keep_
                         _fail(item[0], e1)
                         bar.update(1)
     finally:
-        steps_bar.close()
+        stop.set()
+        ticker.join()
+        clock.close()
     for items, results in groups:
         for (job, loaded), result in zip(items, results, strict=True):
             try:
@@ -467,6 +489,7 @@ def compare_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the measurements as JSON instead of a table.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
     device: Annotated[Device | None, typer.Option("--device", case_sensitive=False, help="JAX platform (default: the best available).")] = None,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="After cloaking, re-detect and re-embed every face with every recogniser and print the similarity to the original (default; --no-verify is faster).")] = True,
 ) -> None:
     """How well does a cloak work? Similarity per recogniser, LPIPS, PSNR and SSIM.
 
@@ -549,6 +572,7 @@ def evaluate_command(
     cloak_all: Annotated[bool, typer.Option("--cloak-all", help="Cloak every photo in the main run (slower) to report clean-vs-cloaked similarity over the whole set.")] = False,
     graders: Annotated[str, typer.Option("--graders", help="Recognisers NOT in the attack that grade it too (transfer to unseen networks), comma-separated; '' for none.")] = "facenet128,arcface-mobilenet",
     device: Annotated[Device | None, typer.Option("--device", case_sensitive=False, help="JAX platform (default: the best available).")] = None,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="After cloaking, re-detect and re-embed every face with every recogniser and print the similarity to the original (default; --no-verify is faster).")] = True,
 ) -> None:
     """Measure how well cloaking protects, on labelled photos.
 

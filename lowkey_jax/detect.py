@@ -55,11 +55,14 @@ from lowkey_jax.checkpoint import load_params
 from lowkey_jax.face import Face
 from lowkey_jax.models.mtcnn import MTCNN, ONET_SIZE, PNET_CELL, PNET_STRIDE, RNET_SIZE, WEIGHTS
 
-__all__ = ["detect_faces", "load_mtcnn", "compiled_shapes", "TILE", "PNET_BUCKETS", "CROP_BUCKETS"]
+__all__ = ["detect_faces", "load_mtcnn", "compiled_shapes", "TILE", "PNET_BUCKETS", "CROP_BUCKETS", "DETECT_SIDE"]
 
 TILE = 128  # P-Net input tile (even); neighbouring tiles overlap by PNET_CELL - PNET_STRIDE
 PNET_BUCKETS = (4, 16, 64)  # P-Net batch sizes (tiles) that get compiled
 CROP_BUCKETS = (8, 32, 128)  # R-Net / O-Net batch sizes (crops) that get compiled
+# ``detect_faces(max_side=...)`` for the attack and its verification pass: faces smaller
+# than 20 px at this resolution are not searched (see bench/bench.py detect-side).
+DETECT_SIDE = 1024
 
 
 # --- networks --------------------------------------------------------------------------
@@ -446,7 +449,7 @@ def _stage3(sat: np.ndarray, boxes: np.ndarray, threshold: float) -> tuple[np.nd
 
 
 def detect_faces(image, *, min_face_size: float = 20, thresholds: Sequence[float] = (0.6, 0.7, 0.7),
-                 factor: float = 0.709) -> list[Face]:
+                 factor: float = 0.709, max_side: int | None = None) -> list[Face]:
     """Every face MTCNN finds in ``image``, highest score first.
 
     Args:
@@ -456,6 +459,14 @@ def detect_faces(image, *, min_face_size: float = 20, thresholds: Sequence[float
         ``12 / min_face_size``.
       thresholds: P-Net, R-Net and O-Net face-probability thresholds.
       factor: scale ratio between successive pyramid levels, in ``(0, 1)``.
+      max_side: search as if the photo's longest side were at most this many pixels: on a
+        larger photo faces smaller than ``min_face_size * longest / max_side`` are not
+        searched, i.e. the largest (costliest) pyramid levels are dropped; the remaining
+        levels are the full-resolution pyramid's own, and R-Net / O-Net see the same
+        full-resolution crops, so the faces found keep the full-resolution boxes and
+        landmarks (up to candidates the dropped levels would have merged in NMS).
+        ``None`` (default): full resolution, the original MTCNN. The attack and its
+        verification use :data:`DETECT_SIDE` (chosen by ``bench/bench.py detect-side``).
 
     Returns:
       ``list[Face]`` (boxes in pixels, may extend past the image; ``score`` is O-Net's face
@@ -470,6 +481,12 @@ def detect_faces(image, *, min_face_size: float = 20, thresholds: Sequence[float
     min_face_size, thresholds, factor = _check_params(min_face_size, thresholds, factor)
     h, w, _ = img.shape
     scales = _pyramid(h, w, min_face_size, factor)
+    if max_side is not None:
+        if max_side < PNET_CELL:
+            raise ValueError(f"max_side must be at least {PNET_CELL}, got {max_side}")
+        # drop the finest levels; the rest are exactly the full-resolution pyramid's
+        limit = PNET_CELL / (min_face_size * max(h, w) / max_side) * (1.0 + 1e-9)
+        scales = [sc for sc in scales if sc <= limit] if max(h, w) > max_side else scales
     if not scales:
         return []
     sat = _summed_area_table(img, unit)

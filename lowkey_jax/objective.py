@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from lowkey_jax.align import warp_affine
-from lowkey_jax.models.layers import depthwise_conv
+from lowkey_jax.models.layers import cpu_rewrites, depthwise_conv
 
 __all__ = [
     "Geometry",
@@ -113,9 +113,14 @@ def gaussian_smooth(image: jax.Array, sigma: float = 3.0, kernel_size: int = 7) 
     padding="VALID")`` computes (same kernel, horizontal pass then vertical pass; the tests
     compare the two), but through :func:`lowkey_jax.models.layers.depthwise_conv`: dm-pix
     runs a grouped convolution, which XLA's CPU backend makes ~30x slower than fused slices.
+    Off the CPU (``layers.cpu_rewrites()`` false) it calls ``dm_pix.gaussian_blur`` itself.
     """
     r = kernel_size // 2
     padded = jnp.pad(image, ((r, r), (r, r), (0, 0)), mode="reflect")
+    if not cpu_rewrites():  # GPU / TPU: dm-pix itself (its grouped convolution is fast there)
+        import dm_pix
+
+        return dm_pix.gaussian_blur(padded, sigma, kernel_size, padding="VALID")
     x = jnp.arange(-r, r + 1).astype(jnp.float32)
     taps = jnp.exp(-(x**2) / (2.0 * jnp.float32(sigma) ** 2))
     taps = jnp.tile((taps / jnp.sum(taps))[:, None], (1, image.shape[-1]))  # [k, C]

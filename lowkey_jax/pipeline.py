@@ -23,7 +23,8 @@ from lowkey_jax.metrics import paired_cosine
 from lowkey_jax.recognizers import load_recognizer
 from lowkey_jax.verification import matches, operating_points
 
-__all__ = ["embed_faces", "match_faces", "verdicts", "similarities", "thresholds", "compare", "lpips_photos", "psnr", "ssim"]
+__all__ = ["embed_faces", "match_faces", "verdicts", "verdicts_many", "similarities", "similarities_many", "thresholds",
+           "compare", "lpips_photos", "psnr", "ssim"]
 
 
 @cache
@@ -33,15 +34,32 @@ def _embedder(name: str):
     return lambda chips: fn(state, chips)
 
 
+# Chips per embedding call (padded to a power of two up to this): bounded memory, few
+# compiled shapes, whatever the number of photos and faces.
+EMBED_CHUNK = 32
+
+
+def _chips(image: np.ndarray, faces: list[Face], name: str) -> list[np.ndarray]:
+    img = jnp.asarray(image, jnp.float32) / jnp.float32(255.0)
+    return [np.asarray(_align.align(img, f, name, image=image)) for f in faces]
+
+
+def _embed_chips(chips: list[np.ndarray], name: str) -> np.ndarray:
+    """``[N, D]`` embeddings of aligned chips, in calls of at most ``EMBED_CHUNK`` chips."""
+    if not chips:
+        return np.zeros((0, load_recognizer(name).embed_dim), np.float32)
+    out = []
+    for start in range(0, len(chips), EMBED_CHUNK):
+        part = np.stack(chips[start : start + EMBED_CHUNK])
+        slots = face_slots(len(part))  # bucketed batch: few compiles
+        part = np.concatenate([part, np.repeat(part[:1], slots - len(part), axis=0)])
+        out.append(np.asarray(_embedder(name)(jnp.asarray(part)))[: min(EMBED_CHUNK, len(chips) - start)])
+    return np.concatenate(out)
+
+
 def embed_faces(image: np.ndarray, faces: list[Face], name: str) -> np.ndarray:
     """Native embeddings ``[F, D]`` of ``faces`` in uint8 ``image`` for recogniser ``name``."""
-    if not faces:
-        return np.zeros((0, load_recognizer(name).embed_dim), np.float32)
-    img = jnp.asarray(image, jnp.float32) / jnp.float32(255.0)
-    chips = np.stack([np.asarray(_align.align(img, f, name, image=image)) for f in faces])
-    slots = face_slots(len(faces))  # bucketed batch: few compiles
-    chips = np.concatenate([chips, np.repeat(chips[:1], slots - len(faces), axis=0)])
-    return np.asarray(_embedder(name)(jnp.asarray(chips)))[: len(faces)]
+    return _embed_chips(_chips(image, faces, name), name)
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -71,17 +89,41 @@ def verdicts(clean: np.ndarray, cloaked: np.ndarray, faces: list[Face], models) 
     [cosine per face]}, "matched": {name: [bool per face at the shipped operating point,
     see lowkey_jax.verification]}, "detected": [bool per face]}``.
     """
-    found = match_faces(faces, detect_faces(cloaked))
-    detected = [f is not None for f in found]
-    after = [f if f is not None else c for f, c in zip(found, faces)]
+    return verdicts_many([(clean, cloaked, faces)], models)[0]
+
+
+def verdicts_many(items, models, detect_side: int | None = None) -> list[dict]:
+    """:func:`verdicts` for many ``(clean, cloaked, faces)`` photos at once: detection runs
+    per photo, but every recogniser embeds the chips of all photos together (in batches of
+    ``EMBED_CHUNK``), so the verification pass costs a few compiled calls rather than two
+    per photo and recogniser. ``detect_side``: ``detect_faces(max_side=...)`` for the
+    re-detection (``cloak`` passes the setting its own detection used; ``None``: full
+    resolution). Returns one verdict dict per item."""
+    items = list(items)
+    afters, detected = [], []
+    for clean, cloaked, faces in items:
+        found = match_faces(faces, detect_faces(cloaked, max_side=detect_side)) if faces else []
+        detected.append([f is not None for f in found])
+        afters.append([f if f is not None else c for f, c in zip(found, faces)])
+    out = [{"similarity": {}, "matched": {}, "detected": d} for d in detected]
     ops = operating_points()
-    sims, matched = {}, {}
     for name in models:
-        a, b = embed_faces(clean, faces, name), embed_faces(cloaked, after, name)
-        sims[name] = [float(v) for v in paired_cosine(a, b)]
-        if name in ops:
-            matched[name] = [bool(v) for v in matches(name, a, b)]
-    return {"similarity": sims, "matched": matched, "detected": detected}
+        before, after = [], []
+        for (clean, cloaked, faces), moved in zip(items, afters):
+            before += _chips(clean, faces, name)
+            after += _chips(cloaked, moved, name)
+        if before:
+            a, b = _embed_chips(before, name), _embed_chips(after, name)
+            cos = paired_cosine(a, b)
+            hit = matches(name, a, b) if name in ops else None
+        k = 0
+        for o, (_, _, faces) in zip(out, items):
+            n = len(faces)
+            o["similarity"][name] = [float(v) for v in cos[k : k + n]] if n else []
+            if name in ops:
+                o["matched"][name] = [bool(v) for v in hit[k : k + n]] if n else []
+            k += n
+    return out
 
 
 def similarities(clean: np.ndarray, cloaked: np.ndarray, faces: list[Face], models) -> tuple[dict[str, list[float]], list[bool]]:
@@ -89,6 +131,11 @@ def similarities(clean: np.ndarray, cloaked: np.ndarray, faces: list[Face], mode
     face whether it is still detected (see :func:`verdicts`)."""
     v = verdicts(clean, cloaked, faces, models)
     return v["similarity"], v["detected"]
+
+
+def similarities_many(items, models, detect_side: int | None = None) -> list[tuple[dict[str, list[float]], list[bool]]]:
+    """``(similarity, detected)`` of :func:`verdicts_many` for each item."""
+    return [(v["similarity"], v["detected"]) for v in verdicts_many(items, models, detect_side)]
 
 
 @cache

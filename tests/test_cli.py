@@ -367,7 +367,7 @@ def test_missing_weights_stop_the_run(tmp_path, monkeypatch):
     for i in range(3):
         Image.fromarray(picture(40, 40, i)).save(tmp_path / f"p{i}.png")
     r = run("cloak", tmp_path, "--batch-size", "1", "--report", tmp_path / "r.json")
-    assert r.exit_code == 1 and calls == [1] and "lowkey-jax weights" in r.output
+    assert r.exit_code == 1 and calls == [3] and "lowkey-jax weights" in r.output  # one call, then stop
     rep = json.loads((tmp_path / "r.json").read_text())
     assert [p["status"] for p in rep["photos"]] == ["failed"] * 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p0.png", "p1.png", "p2.png", "r.json"]

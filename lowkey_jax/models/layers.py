@@ -14,19 +14,54 @@ convs took 2.07 s in ``fori_loop`` against 0.52 s as separate calls). Here the i
 gradient is written out explicitly, with the flipped kernel behind an
 ``optimization_barrier``, so it keeps the standard HWIO layout and the fast path. Weight
 gradients use JAX's own rule.
+
+These rewrites are for XLA's CPU backend. On GPU and TPU, where XLA's own convolution
+gradients are the fast path, every layer here is plain ``jax.lax``: the choice is made at
+trace time by :func:`cpu_rewrites` (``jax.default_backend() == "cpu"`` unless forced with
+``$LOWKEY_JAX_CPU_REWRITES=0/1`` or :func:`force_cpu_rewrites`, which the tests use to run
+both paths on CPU).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["conv_general_dilated", "depthwise_conv", "max_pool"]
+__all__ = ["conv_general_dilated", "depthwise_conv", "max_pool", "cpu_rewrites", "force_cpu_rewrites"]
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
+REWRITES_ENV = "LOWKEY_JAX_CPU_REWRITES"
+_forced: list[bool | None] = [None]
+
+
+def cpu_rewrites() -> bool:
+    """Whether layers (and the objective's Gaussian blur) take the CPU-specific path: forced
+    by :func:`force_cpu_rewrites` or ``$LOWKEY_JAX_CPU_REWRITES`` (``1``/``0``), otherwise
+    only on the CPU backend. Read when a function is traced."""
+    if _forced[0] is not None:
+        return _forced[0]
+    env = os.environ.get(REWRITES_ENV, "").strip()
+    if env in ("0", "1"):
+        return env == "1"
+    if env:
+        raise ValueError(f"${REWRITES_ENV} must be 0 or 1, got {env!r}")
+    return jax.default_backend() == "cpu"
+
+
+@contextlib.contextmanager
+def force_cpu_rewrites(enabled: bool):
+    """Trace with the CPU rewrites on or off whatever the backend (functions jitted before
+    keep the path they were traced with)."""
+    old, _forced[0] = _forced[0], bool(enabled)
+    try:
+        yield
+    finally:
+        _forced[0] = old
 
 
 def _plain(x, w, strides, padding):
@@ -112,7 +147,7 @@ def conv_general_dilated(
     )
     undilated = all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
     simple = feature_group_count == 1 and batch_group_count == 1 and precision is None
-    if not (nhwc and undilated and simple and preferred_element_type is None and out_sharding is None):
+    if not (nhwc and undilated and simple and preferred_element_type is None and out_sharding is None and cpu_rewrites()):
         return jax.lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
             feature_group_count, batch_group_count, precision, preferred_element_type, out_sharding=out_sharding,
@@ -200,6 +235,9 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, strides, padding) -> jax.Arr
     """
     strides = (strides, strides) if isinstance(strides, int) else tuple(int(s) for s in strides)
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    if not cpu_rewrites():
+        return jax.lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_NHWC,
+                                            feature_group_count=x.shape[-1])
     return _depthwise(x, kernel, strides, pads)
 
 
@@ -258,4 +296,6 @@ def max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
     Returns:
       ``[N, (H - window) // stride + 1, (W - window) // stride + 1, C]``.
     """
+    if not cpu_rewrites():
+        return _max_pool_plain(x, int(window), int(stride))
     return _max_pool(x, int(window), int(stride))

@@ -269,7 +269,6 @@ def evaluate(
 
     by_id = {p.identity for p in kept}
     gallery, probes = split_gallery(kept)
-    g_ids = [p.identity for p in gallery]
 
     def cloak_set(cfg: Config, targets: list[Photo]) -> tuple[dict, float]:
         t = time.perf_counter()

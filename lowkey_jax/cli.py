@@ -489,7 +489,6 @@ def compare_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the measurements as JSON instead of a table.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
     device: Annotated[Device | None, typer.Option("--device", case_sensitive=False, help="JAX platform (default: the best available).")] = None,
-    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="After cloaking, re-detect and re-embed every face with every recogniser and print the similarity to the original (default; --no-verify is faster).")] = True,
 ) -> None:
     """How well does a cloak work? Similarity per recogniser, LPIPS, PSNR and SSIM.
 
@@ -572,7 +571,6 @@ def evaluate_command(
     cloak_all: Annotated[bool, typer.Option("--cloak-all", help="Cloak every photo in the main run (slower) to report clean-vs-cloaked similarity over the whole set.")] = False,
     graders: Annotated[str, typer.Option("--graders", help="Recognisers NOT in the attack that grade it too (transfer to unseen networks), comma-separated; '' for none.")] = "facenet128,arcface-mobilenet",
     device: Annotated[Device | None, typer.Option("--device", case_sensitive=False, help="JAX platform (default: the best available).")] = None,
-    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="After cloaking, re-detect and re-embed every face with every recogniser and print the similarity to the original (default; --no-verify is faster).")] = True,
 ) -> None:
     """Measure how well cloaking protects, on labelled photos.
 

@@ -116,6 +116,12 @@ class FakeConfig:
     max_side: int
     seed: int
     batch_size: int
+    # the --level preset's shaping (lowkey_jax.presets)
+    step_size: float = 0.0025
+    epsilon: float | None = None
+    chroma: float | None = None
+    texture: float = 0.0
+    momentum: float = 0.0
 
 
 @dataclasses.dataclass

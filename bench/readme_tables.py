@@ -5,6 +5,7 @@ never typed by hand: this script writes them from
 
     docs/benchmarks.json        written by  python bench/bench.py all --out docs/benchmarks.md
     docs/eval/evaluation.json   written by  lowkey-jax evaluate ... --out docs/eval
+    docs/eval/sweep.json        written by  python bench/sweep.py report
 
 and ``tests/test_readme_tables.py`` fails when README.md differs from what it renders.
 After a new benchmark or evaluation run:
@@ -15,7 +16,7 @@ After a new benchmark or evaluation run:
 Blocks (the name after ``BEGIN:``): ``benchmarks`` (models, detection), ``benchmarks-attack``
 (the attack, with the matmul peak measured in the same run), ``evaluation`` (protection per
 recogniser), ``evaluation-robustness`` (after JPEG / downscaling / blur) and
-``evaluation-quality`` (LPIPS / SSIM / PSNR). Text outside the markers is
+``evaluation-quality`` (LPIPS / SSIM / PSNR) and ``sweep`` (protection vs visibility per setting). Text outside the markers is
 left alone; a missing field in the JSON is an error naming the file and the field.
 """
 
@@ -32,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_JSON = ROOT / "docs" / "benchmarks.json"
 EVAL_JSON = ROOT / "docs" / "eval" / "evaluation.json"
+SWEEP_JSON = ROOT / "docs" / "eval" / "sweep.json"
 README = ROOT / "README.md"
 
 _BLOCK = re.compile(r"(<!-- BEGIN: (?P<name>[\w-]+)[^>]*-->\n)(?P<body>.*?)(<!-- END: (?P=name) -->)", re.S)
@@ -180,7 +182,24 @@ def render_quality(data: dict, src: Path = EVAL_JSON) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_sweep(data: dict, src: Path = SWEEP_JSON) -> str:
+    """The protection/visibility sweep (``bench/sweep.py report``), least visible first."""
+    lines = ["| setting (`--level`) | unseen recognisers: match rate | same after halving + JPEG 75 (worst model) | "
+             "white-box after halving + JPEG 75 | face PSNR, mean (worst) | face CIEDE2000 mean / p99 | face LPIPS-alex | "
+             "largest change (median, /255) |", "|---|---|---|---|---|---|---|---|"]
+    for r in _get(data, src, "rows"):
+        name = _get(r, src, "setting") + (f" (`{r['preset']}`)" if r.get("preset") else "")
+        lines.append(
+            f"| {name} | {_get(r, src, 'unseen_match'):.2f} | {_get(r, src, 'unseen_match_platform'):.2f} "
+            f"({_get(r, src, 'unseen_worst_platform'):.2f}) | {_get(r, src, 'white_box_match_platform'):.2f} | "
+            f"{_get(r, src, 'face_psnr'):.1f} ({_get(r, src, 'face_psnr_worst'):.1f}) | "
+            f"{_get(r, src, 'face_ciede2000_mean'):.2f} / {_get(r, src, 'face_ciede2000_p99'):.2f} | "
+            f"{_get(r, src, 'face_lpips_alex'):.3f} | {_get(r, src, 'face_linf_native_median'):.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 BLOCKS: dict[str, tuple[Path, Callable[[dict, Path], str]]] = {
+    "sweep": (SWEEP_JSON, render_sweep),
     "benchmarks": (BENCH_JSON, render_benchmarks),
     "benchmarks-attack": (BENCH_JSON, render_attack),
     "evaluation": (EVAL_JSON, render_evaluation),

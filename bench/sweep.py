@@ -167,7 +167,14 @@ def _row(name: str, r: dict) -> dict:
 
 def cmd_report() -> None:
     results = json.loads((work_dir() / "grades.json").read_text())
+    from lowkey_jax.presets import LEVELS
+
     rows = [_row(n, r) for n, r in results.items()]
+    for row in rows:  # which --level preset a setting is
+        cfg = results[row["setting"]]["meta"]["config"]
+        row["preset"] = next((lv for lv, p in LEVELS.items() if all(
+            (cfg.get(k) is None and v is None) or (cfg.get(k) is not None and v is not None and abs(cfg[k] - v) < 1e-9)
+            for k, v in p.items())), None)
     rows.sort(key=lambda r: r["face_ciede2000_mean"])
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "sweep.json").write_text(json.dumps({"data": "shared/faces/celebs (gallery photo of each identity)",

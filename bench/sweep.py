@@ -96,14 +96,32 @@ def cmd_cloak(names: list[str]) -> None:
         print(f"{name}: {spp:.1f} s/photo incl. compile (matmul peak {peak0 / 1e9:.0f} / {peak1 / 1e9:.0f} GFLOP/s)", flush=True)
 
 
+def _cached_clean_set(photos, graders):
+    """:func:`clean_set`, with the detected faces and clean embeddings kept on disk (the
+    photos themselves are read again): grading restarts without re-embedding 61 photos."""
+    import pickle
+
+    from lowkey_jax.imageio import read_image
+
+    cache = work_dir() / f"clean_set_{'_'.join(graders)}.pkl"
+    if cache.is_file():
+        kept, faces, emb, skipped = pickle.loads(cache.read_bytes())
+        images = {p.path: read_image(p.path).rgb for p in kept}
+        from lowkey_jax.evaluate import CleanSet
+
+        return CleanSet(kept, images, faces, emb, skipped)
+    cs = clean_set(photos, graders)
+    cache.write_bytes(pickle.dumps((cs.photos, cs.faces, cs.embeddings, cs.skipped)))
+    return cs
+
+
 def cmd_grade(wait_for: list[str] = ()) -> None:
     """Grade every cloaked setting; with names, keep waiting (polling) until those are
     cloaked and graded too, so grading overlaps with the cloaking of later settings."""
     from lowkey_jax.pipeline import thresholds
 
     graders = [m for m in RECOGNIZERS]
-    photos = _dataset()
-    cs = clean_set(photos, graders)
+    cs = _cached_clean_set(_dataset(), graders)
     gallery, probes = split_gallery(cs.photos)
     eer = {m: thresholds().get(m, float("nan")) for m in graders}
     results = {}

@@ -13,7 +13,8 @@ Per face region:
   Lab, D65), mean and 99th percentile. 1.0 is about one just-noticeable difference; eye-colour
   or skin-tone shifts show up here long before PSNR moves;
 - ``lpips_alex`` / ``lpips_vgg``: LPIPS v0.1 of the crop (native crops larger than
-  :data:`LPIPS_MAX_SIDE` are shrunk to it first).
+  :data:`LPIPS_MAX_SIDE` = 512 pixels are shrunk to it first: LPIPS-VGG on a 1000-pixel
+  face takes gigabytes).
 
 All functions are host-side numpy (plus the LPIPS networks), uint8 RGB in.
 """
@@ -43,7 +44,7 @@ __all__ = [
 
 GROW = 0.30  # the face box is grown by 30% (each side length x 1.3, about its centre)
 CROP_SIZE = 224  # the resized view
-LPIPS_MAX_SIDE = 1024
+LPIPS_MAX_SIDE = 512  # native crops larger than this are shrunk for LPIPS (VGG's memory grows with area)
 METRICS = ("psnr", "ssim", "linf", "ciede2000_mean", "ciede2000_p99", "lpips_alex", "lpips_vgg")
 # Which direction is better, for summaries ("worst" face).
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True}

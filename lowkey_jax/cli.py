@@ -117,7 +117,6 @@ class Level(str, Enum):
     low = "low"
     mid = "mid"
     high = "high"
-    reference = "reference"
 
 
 class OutFormat(str, Enum):
@@ -239,7 +238,7 @@ def cloak_command(
     paths: Annotated[list[Path], typer.Argument(help="Photos and/or folders of photos.", show_default=False)],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write outputs into this folder (created if missing) instead of beside each input.")] = None,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Also take photos from sub-folders (mirrored under --output).")] = False,
-    level: Annotated[Level, typer.Option("--level", case_sensitive=False, help="How strong and how visible: low = subtlest, weakest; mid (default) = invisible at 1:1 on the face yet protective (chosen by measurement, docs/eval/sweep.md); high = strongest, slightly visible; reference = the released LowKey setting (visibly changes faces). --steps/--alpha override the preset's.")] = Level.mid,
+    level: Annotated[Level, typer.Option("--level", case_sensitive=False, help="How strong and how visible. low = subtle: brightness changes of at most 8/255 shaped to the photo's texture, faces look unchanged at a glance; defeats dlib, FaceNet and SFace but not reliably recognisers the attack never saw. mid (default) = the released LowKey setting: full protection in our measurements, visibly alters faces. high = 100 steps, lighter visibility penalty: stronger, more visible. Measurements: docs/eval/sweep.md. --steps/--alpha override the preset's.")] = Level.mid,
     steps: Annotated[int | None, typer.Option("--steps", min=0, help="Attack steps (default: from --level).")] = None,
     alpha: Annotated[float | None, typer.Option("--alpha", min=0.0, help="Weight of the LPIPS visibility penalty; higher = subtler (default: from --level).")] = None,
     models: Annotated[str, typer.Option("--models", help="Recognisers to fool, comma-separated, from dlib,facenet,sface,facenet128,arcface-mobilenet.")] = ",".join(RECOGNIZER_NAMES),

@@ -56,9 +56,9 @@ async function loadInfo() {
   const L = info.limits;
   $("#limits").textContent =
     `Up to ${L.max_files} photos at a time, ${Math.round(L.max_file_bytes / 1048576)} MiB and ` +
-    `${Math.round(L.max_pixels / 1e6)} megapixels each. Low: subtlest, weakest; mid: invisible ` +
-    `on the face yet protective (measured); high: strongest, slightly visible; reference: the LowKey authors' setting, ` +
-    `visibly changes faces. Cloaked photos keep their size, format and ` +
+    `${Math.round(L.max_pixels / 1e6)} megapixels each. Low: subtle (faces look unchanged), beats the recognisers it was ` +
+    `made against but not reliably others; mid: the LowKey authors' setting, full protection, visibly ` +
+    `alters faces; high: strongest, most visible. Cloaked photos keep their size, format and ` +
     `colour profile; EXIF and GPS are removed. Files are deleted after download or ${Math.round(L.expire_s / 60)} minutes.`;
 }
 

@@ -123,7 +123,7 @@ def render_attack(data: dict, src: Path = BENCH_JSON) -> str:
 
 def render_evaluation(data: dict, src: Path = EVAL_JSON) -> str:
     """Protection per recogniser: before/after white-box, same-photo check, leave-one-out."""
-    models = list(_get(data, src, "before"))
+    models = list(_get(data, src, "white_box", "protection", "none"))  # attacked ones (unseen graders: sweep)
     n = _get(data, src, "photos")
     lines = [f"{n} photos, {_get(data, src, 'identities')} identities, {_get(data, src, 'probes')} clean probes; "
              f"{_sig(_get(data, src, 'white_box', 'seconds_per_photo'))} s per cloaked photo "
@@ -159,7 +159,7 @@ def render_robustness(data: dict, src: Path = EVAL_JSON) -> str:
     wb = _get(data, src, "white_box", "protection")
     kinds = list(wb)
     lines = ["| match rate after post-processing | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
-    for m in _get(data, src, "before"):
+    for m in _get(data, src, "white_box", "protection", "none"):
         lines.append(f"| {_name(m)} (white-box) | " + " | ".join(f"{_get(wb, src, k, m, 'match_rate'):.2f}" for k in kinds) + " |")
     for m, t in data.get("transfer", {}).items():
         pr = _get(t, src, "protection")

@@ -406,7 +406,8 @@ def write_report(report: dict, out_dir: Path, command: str = "") -> dict[str, Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "evaluation.json", "md": out_dir / "evaluation.md", "png": out_dir / "tradeoff.png"}
     paths["json"].write_text(json.dumps(report, indent=1, default=str))
-    models = list(report["thresholds"])
+    graded = list(report["thresholds"])  # the attacked recognisers, then the unseen graders
+    models = list(report["config"]["models"])
     wb = report["white_box"]
     L = [f"# Protection evaluation: {report['data']}", ""]
     if command:
@@ -416,7 +417,7 @@ def write_report(report: dict, out_dir: Path, command: str = "") -> dict[str, Pa
           f"{report['probes']} clean probes); attack: {cfg['steps']} steps, step {cfg['step_size']}, alpha {cfg['alpha']}, "
           f"models {'+'.join(cfg['models'])}, max_side {cfg['max_side']}; {wb['seconds_per_photo']:.1f} s per photo.", ""]
     L += ["## Thresholds (equal error rate on the clean photos)", "", "| recogniser | cosine threshold | EER |", "|---|---|---|"]
-    L += [f"| {m} | {report['thresholds'][m]:.3f} | {report['eer'][m]:.3f} |" for m in models]
+    L += [f"| {m} | {report['thresholds'][m]:.3f} | {report['eer'][m]:.3f} |" for m in graded]
     L += ["", "## White-box (all recognisers in the attack)", "",
           "| recogniser | rank-1 before | rank-1 after | match rate before | match rate after |", "|---|---|---|---|---|"]
     for m in models:

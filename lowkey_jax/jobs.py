@@ -276,7 +276,7 @@ def result_summary(result, thresholds: dict[str, float]) -> dict:
     """Verdicts and quality figures of one :class:`lowkey_jax.attack.Result`, JSON-ready.
 
     Returns:
-      ``{"faces": [face dicts], "recognizers": {name: {"threshold": t, "similarity": [per
+      ``{"faces": [face dicts], "recognizers": {name: {"threshold": t, "rule": text or None, "similarity": [per
       face], "matched": [per face], "verdict": str}}, "quality": {field: number or [number
       per face]}, "detected_after": [...], "seconds": s}``. ``quality`` lists every numeric
       field of the result (whole-photo scalars such as ``lpips`` and ``psnr``, and per-face
@@ -293,10 +293,12 @@ def result_summary(result, thresholds: dict[str, float]) -> dict:
         t = thresholds.get(name)
         sims = [float(s) for s in sims]
         matched = [t is not None and s >= t for s in sims]
+        rule = None
         if name in shipped and name in ops:  # decided at the recogniser's shipped operating point
             matched = [bool(m) for m in shipped[name]]
             op = ops[name]
-            t = f"{'distance <=' if op.metric == 'euclidean' else 'cosine >='} {op.threshold:.3f}"
+            t = op.threshold
+            rule = f"{'embedding distance <=' if op.metric == 'euclidean' else 'cosine >='} {op.threshold:.3f}"
         if t is None:
             verdict = "no threshold known"
         elif not any(matched):
@@ -305,7 +307,7 @@ def result_summary(result, thresholds: dict[str, float]) -> dict:
             verdict = "would still match"
         else:
             verdict = f"would still match {sum(matched)} of {len(sims)} faces"
-        recs[name] = {"threshold": t, "similarity": sims, "matched": matched, "verdict": verdict}
+        recs[name] = {"threshold": t, "rule": rule, "similarity": sims, "matched": matched, "verdict": verdict}
     quality: dict = {}
     fields = [f.name for f in dataclasses.fields(result)] if dataclasses.is_dataclass(result) else list(vars(result))
     for name in fields:

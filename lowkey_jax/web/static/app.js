@@ -202,7 +202,7 @@ function showResult(card, j) {
   let still = [];
   for (const [name, r] of Object.entries(res.recognizers || {})) {
     const tr = document.createElement("tr");
-    const cells = [NAMES[name] || name, r.similarity.map((s) => fmt(s)).join(", "), fmt(r.threshold)];
+    const cells = [NAMES[name] || name, r.similarity.map((s) => fmt(s)).join(", "), r.rule || fmt(r.threshold)];
     cells.forEach((c, i) => { const td = document.createElement("td"); td.textContent = c; if (i) td.className = "num"; tr.append(td); });
     const td = document.createElement("td");
     td.textContent = r.verdict;

@@ -31,7 +31,7 @@ PHOTO = SHARED / "faces" / "celebs" / "img25.jpg"  # 400x400, one face
 # Few steps keep the test short on a CPU; the same setting as test_web.py's real cloak, so
 # the compiled attack is shared within one pytest run.
 LEVELS = {"low": {"steps": 3, "alpha": 0.10}}
-if os.environ.get("LOWKEY_WEB_SCREENSHOT"):  # the README's picture: the real presets ("low": 25 steps)
+if os.environ.get("LOWKEY_WEB_SCREENSHOT"):  # the README's picture: the real presets ("low": the subtle one)
     from lowkey_jax.jobs import LEVELS
 GPS = 0x8825
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

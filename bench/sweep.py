@@ -51,6 +51,8 @@ SETTINGS: dict[str, dict] = {
     "eps6-shaped-mom": dict(epsilon=6 * E, step_size=0.6 * E, chroma=0.25, texture=0.75, momentum=0.9),
     "eps6-shaped-mom-ti": dict(epsilon=6 * E, step_size=0.6 * E, chroma=0.25, texture=0.75, momentum=0.9, smooth_grad=1.0),
     "eps6-shaped-mom-jit": dict(epsilon=6 * E, step_size=0.6 * E, chroma=0.25, texture=0.75, momentum=0.9, jitter=0.05),
+    "eps6-mom": dict(epsilon=6 * E, step_size=0.6 * E, momentum=0.9),
+    "eps6-shaped": dict(epsilon=6 * E, step_size=0.6 * E, chroma=0.25, texture=0.75),
     "eps4-shaped-mom": dict(epsilon=4 * E, step_size=0.4 * E, chroma=0.25, texture=0.75, momentum=0.9),
     "eps12-shaped-mom": dict(epsilon=12 * E, step_size=1.2 * E, chroma=0.25, texture=0.75, momentum=0.9),
     "eps6-luma-mom": dict(epsilon=6 * E, step_size=0.6 * E, chroma=0.0, texture=0.75, momentum=0.9),

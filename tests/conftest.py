@@ -62,3 +62,33 @@ def source_file(tmp_path_factory):
         return store._extract(archive, member, out)
 
     return get
+
+
+def celebs_chips(shared: Path, name: str, per_identity: int = 2):
+    """``[N, h, w, 3]`` float32 chips in [0, 1] for recogniser ``name``: the smallest
+    ``per_identity`` photos of each celebs identity (fast to detect), detected by our MTCNN
+    and aligned by ``lowkey_jax.align.align`` with that recogniser's own geometry."""
+    import jax.numpy as jnp
+    import numpy as np
+    from PIL import Image
+
+    from lowkey_jax.align import align
+    from lowkey_jax.detect import detect_faces
+    from lowkey_jax.evaluate import _main_face, load_dataset
+    from lowkey_jax.imageio import read_image
+
+    def pixels(path) -> int:
+        with Image.open(path) as im:
+            return im.size[0] * im.size[1]
+
+    seen: dict[str, int] = {}
+    out = []
+    for p in sorted(load_dataset(shared / "faces" / "celebs"), key=lambda p: pixels(p.path)):
+        if seen.get(p.identity, 0) >= per_identity:
+            continue
+        img = read_image(p.path).rgb
+        faces = detect_faces(img)
+        assert faces, p.path.name
+        seen[p.identity] = seen.get(p.identity, 0) + 1
+        out.append(np.asarray(align(jnp.asarray(img, jnp.float32) / 255.0, _main_face(faces), name)))
+    return np.stack(out).astype(np.float32)

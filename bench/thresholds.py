@@ -17,13 +17,9 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 
-from lowkey_jax.detect import detect_faces
-from lowkey_jax.evaluate import _main_face, load_dataset
-from lowkey_jax.imageio import read_image
+from lowkey_jax.evaluate import clean_embeddings, load_dataset
 from lowkey_jax.metrics import eer_threshold, pair_scores
-from lowkey_jax.pipeline import embed_faces
 from lowkey_jax.recognizers import RECOGNIZERS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,23 +28,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     data = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(os.environ.get("LOWKEY_SHARED", ROOT.parent / "shared")) / "faces" / "celebs"
     photos = load_dataset(data)
-    emb = {m: [] for m in RECOGNIZERS}
-    labels = []
-    for p in photos:
-        img = read_image(p.path).rgb
-        faces = detect_faces(img)
-        if not faces:
-            print(f"{p.path.name}: no face, skipped", file=sys.stderr)
-            continue
-        face = _main_face(faces)
-        for m in RECOGNIZERS:
-            emb[m].append(embed_faces(img, [face], m)[0])
-        labels.append(p.identity)
+    labels, emb, cs = clean_embeddings(photos, tuple(RECOGNIZERS))  # each photo's largest face
+    for skipped in cs.skipped:
+        print(f"{skipped['file']}: {skipped['reason']}, skipped", file=sys.stderr)
     out = {"thresholds": {}, "eer": {}, "pairs": {}, "data": str(data.name), "photos": len(labels),
            "identities": len(set(labels)), "measured": datetime.date.today().isoformat(),
            "notes": "cosine >= threshold means 'same person'; equal-error-rate point on all photo pairs"}
     for m in RECOGNIZERS:
-        s, same = pair_scores(np.stack(emb[m]), labels)
+        s, same = pair_scores(emb[m], labels)
         t, eer = eer_threshold(s, same)
         out["thresholds"][m], out["eer"][m] = round(t, 4), round(eer, 4)
         out["pairs"][m] = {"same": int(same.sum()), "different": int((~same).sum())}

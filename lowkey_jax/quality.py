@@ -21,7 +21,6 @@ All functions are host-side numpy (plus the LPIPS networks), uint8 RGB in.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -130,11 +129,6 @@ def ciede2000(lab1: np.ndarray, lab2: np.ndarray) -> np.ndarray:
     return np.sqrt((dL / s_l) ** 2 + (dC / s_c) ** 2 + (dH / s_h) ** 2 + r_t * (dC / s_c) * (dH / s_h))
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
-
-
 def _ssim(a: np.ndarray, b: np.ndarray) -> float:
     if min(a.shape[:2]) < 11:  # smaller than the SSIM window
         return float("nan")
@@ -156,9 +150,11 @@ def crop_quality(clean: np.ndarray, cloaked: np.ndarray, *, lpips: bool = True) 
     """Every metric of :data:`METRICS` for two uint8 crops of equal shape."""
     if clean.shape != cloaked.shape:
         raise ValueError(f"crops differ in size: {clean.shape} vs {cloaked.shape}")
+    from lowkey_jax.pipeline import psnr
+
     de = ciede2000(srgb_to_lab(clean), srgb_to_lab(cloaked))
     out = {
-        "psnr": _psnr(clean, cloaked),
+        "psnr": psnr(clean, cloaked),
         "ssim": _ssim(clean, cloaked),
         "linf": float(np.max(np.abs(clean.astype(np.int16) - cloaked.astype(np.int16)))),
         "ciede2000_mean": float(np.mean(de)),

@@ -161,13 +161,16 @@ def _photo(size: int):
 
 
 def bench_attack(batch: int = 1, size: int = 512, *, steps: int = 50, models=("dlib", "facenet", "sface"),
-                 precision: str = "highest", peak: float | None = None) -> dict:
-    """Seconds per photo for the default attack, compile time, FLOP/s vs matmul peak."""
+                 precision: str = "highest", peak: float | None = None, level: str | None = None) -> dict:
+    """Seconds per photo for the default attack, compile time, FLOP/s vs matmul peak.
+    ``level``: a ``--level`` preset's budget and shaping on top (same steps and models)."""
 
     from lowkey_jax.attack import Attack, Config, prepare
     from lowkey_jax.detect import detect_faces
 
     cfg = Config(batch_size=batch, steps=steps, models=tuple(models), precision=precision)
+    if level is not None:
+        cfg = Config.preset(level, batch_size=batch, steps=steps, models=tuple(models), precision=precision)
     img = _photo(size)
     faces = detect_faces(img)
     prepared = [prepare(i, img, faces[:1], cfg) for i in range(batch)]
@@ -183,7 +186,8 @@ def bench_attack(batch: int = 1, size: int = 512, *, steps: int = 50, models=("d
     box = faces[0].box
     ss = dict(next(iter(attack.compiled_shapes))[-1])
     return {"what": f"attack {size}x{size}, 1 face ({box[2] - box[0]:.0f} px wide), batch {batch}, {cfg.steps} steps, "
-                    f"models {','.join(cfg.models)}, chip supersampling {ss or 'none'}",
+                    f"models {','.join(cfg.models)}, chip supersampling {ss or 'none'}"
+                    + (f", level {level}" if level else ""),
             "s_per_photo": steady / batch, "photos_per_s": batch / steady, "compile_plus_first_s": first,
             "gflop_per_photo": flops / 1e9 / batch, "achieved_gflops": flops / steady / 1e9,
             "matmul_peak_gflops": peak / 1e9, "fraction_of_peak": flops / steady / peak, "peak_mib": _peak_mib(),
@@ -293,6 +297,21 @@ def bench_buckets(folder: Path | None = None) -> dict:
     return {"what": f"compiled attack shapes for {len(items)} photos of {folder.name} (batch_size {cfg.batch_size}, max_side {cfg.max_side})",
             "photos": len(items), "buckets": len({p.bucket for p in items}), "batches": len(batches),
             "compiled_shapes": len(shapes)}
+
+
+def bench_attack_levels() -> list[dict]:
+    """The attack at equal steps with and without each preset's budget, colour/texture
+    shaping and momentum, in one process (one matmul peak): what the invisible-cloak
+    machinery costs per step."""
+    from lowkey_jax.presets import LEVELS
+
+    peak = matmul_peak()
+    rows = [bench_attack(1, 512, peak=peak)]
+    rows += [bench_attack(1, 512, peak=peak, level=lv) for lv, p in LEVELS.items() if p.get("epsilon") is not None]
+    after = matmul_peak()
+    for r in rows:
+        r["matmul_peak_gflops"] = (peak + after) / 2e9
+    return rows
 
 
 def bench_attack_large() -> dict:
@@ -456,7 +475,7 @@ def bench_detect_side() -> list[dict]:
 
 
 JOBS = {"lpips": bench_lpips, "recognizers": bench_recognizers, "detect": bench_detect,
-        "attack": bench_attack, "attack-large": bench_attack_large, "gpu": bench_gpu, "buckets": bench_buckets,
+        "attack": bench_attack, "attack-levels": bench_attack_levels, "attack-large": bench_attack_large, "gpu": bench_gpu, "buckets": bench_buckets,
         "quickstart": bench_quickstart, "folder": bench_folder, "crowd": bench_crowd, "detect-side": bench_detect_side,
         "objective-cpu": bench_objective_cpu}
 

@@ -55,6 +55,14 @@ SETTINGS: dict[str, dict] = {
     "eps6-shaped": dict(epsilon=6 * E, step_size=0.6 * E, chroma=0.25, texture=0.75),
     "eps4-shaped-mom": dict(epsilon=4 * E, step_size=0.4 * E, chroma=0.25, texture=0.75, momentum=0.9),
     "eps12-shaped-mom": dict(epsilon=12 * E, step_size=1.2 * E, chroma=0.25, texture=0.75, momentum=0.9),
+    "eps16-shaped-mom": dict(epsilon=16 * E, step_size=1.6 * E, chroma=0.25, texture=0.75, momentum=0.9),
+    "eps10-shaped-mom": dict(epsilon=10 * E, step_size=1.0 * E, chroma=0.25, texture=0.75, momentum=0.9),
+    "eps12-shaped-mom-smooth": dict(epsilon=12 * E, step_size=1.2 * E, chroma=0.25, texture=0.75, momentum=0.9,
+                                    smooth_chips=True),
+    "eps10-shaped-mom-smooth": dict(epsilon=10 * E, step_size=1.0 * E, chroma=0.25, texture=0.75, momentum=0.9,
+                                    smooth_chips=True),
+    "eps8-shaped-mom-ti": dict(epsilon=8 * E, step_size=0.8 * E, chroma=0.25, texture=0.75, momentum=0.9, smooth_grad=1.0),
+    "eps8-shaped-mom-jit": dict(epsilon=8 * E, step_size=0.8 * E, chroma=0.25, texture=0.75, momentum=0.9, jitter=0.05),
     "eps6-luma-mom": dict(epsilon=6 * E, step_size=0.6 * E, chroma=0.0, texture=0.75, momentum=0.9),
 }
 

@@ -101,6 +101,11 @@ class Config:
         backend), ``"high"`` (TF32-like 3-pass bf16) or ``"default"`` (TF32 on NVIDIA
         Ampere+, single-pass bf16 on TPU; faster). CPU computes float32 whatever is set.
         ``tests/test_speed_accel.py`` bounds the objective's change between them.
+      smooth_chips: box-filter the chips of large faces for every recogniser (see
+        ``objective.Model.supersample``), also for those whose own pipeline samples plainly
+        (SFace's ``cv2.warpAffine``). Plain sampling of a face several times larger than the
+        chip reads one photo pixel in every few, and the attack then prints a visible
+        lattice of dots on those pixels, which halving or JPEG wipe out anyway.
     """
 
     steps: int = 50
@@ -123,6 +128,7 @@ class Config:
     momentum: float = 0.0
     smooth_grad: float = 0.0
     precision: str = "highest"
+    smooth_chips: bool = False
 
     @classmethod
     def preset(cls, level: str = "mid", **overrides) -> "Config":
@@ -182,7 +188,8 @@ class Result:
       detected_after: per face, whether the detector still finds it in the cloaked photo.
       face_quality: per face, how visible the cloak is where people look (the face box
         grown by 30%, natively and at 224x224): PSNR, SSIM, L-inf, CIEDE2000 mean / 99th
-        percentile, LPIPS alex / vgg (``lowkey_jax.quality``).
+        percentile, and at 224x224 LPIPS alex / vgg (``lowkey_jax.quality``; LPIPS of the
+        native crop, the slowest figure, comes from ``quality.face_quality`` or ``compare``).
       lpips: LPIPS-AlexNet between clean and cloaked photo (at working resolution).
       psnr: PSNR in dB between clean and cloaked photo (full resolution).
       distance: the final ensemble feature distance of the objective.
@@ -389,7 +396,7 @@ def plan_batches(items: Sequence[Prepared], config: Config) -> list[list[Prepare
     then runs in full batches and compiles once per distinct shape."""
     groups: dict[tuple, list[Prepared]] = {}
     for p in items:
-        key = (p.bucket, face_slots(len(p.faces)), chip_supersampling([p], config.models))
+        key = (p.bucket, face_slots(len(p.faces)), chip_supersampling([p], config.models, config.smooth_chips))
         groups.setdefault(key, []).append(p)
     batches = []
     for (_, slots, _), members in groups.items():
@@ -420,11 +427,13 @@ def supersample_factor(transforms: np.ndarray, mask: np.ndarray) -> int:
     return int(np.clip(math.ceil(float(np.max(scale)) - 1e-6), 1, MAX_SUPERSAMPLE))
 
 
-def chip_supersampling(items: Sequence[Prepared], models: Sequence[str]) -> tuple[tuple[str, int], ...]:
+def chip_supersampling(items: Sequence[Prepared], models: Sequence[str], smooth_all: bool = False
+                       ) -> tuple[tuple[str, int], ...]:
     """``((model, factor), ...)`` for a batch of prepared photos: the static setting its
-    compiled attack uses (one compile per distinct value)."""
+    compiled attack uses (one compile per distinct value). ``smooth_all``
+    (``Config.smooth_chips``): every recogniser's chips, not only the antialiasing ones'."""
     out = []
-    for m in ANTIALIASED:
+    for m in (models if smooth_all else ANTIALIASED):
         if m in models:
             t = np.concatenate([p.transforms[m] for p in items])[None]
             out.append((m, supersample_factor(t, np.ones(t.shape[:2]))))
@@ -524,7 +533,7 @@ class Attack:
             jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.seed), _photo_seed(p.image)), restart)
             for p in padded
         ])
-        ss = chip_supersampling(items, self.config.models)
+        ss = chip_supersampling(items, self.config.models, self.config.smooth_chips)
         shape = (len(padded), *bucket, slots, ss)
         _report_stage("cloaking" if shape in self.compiled_shapes else "compiling")
         self.compiled_shapes.add(shape)
@@ -767,6 +776,6 @@ def cloak(
             r = results[p.index]
             tq = time.perf_counter()
             r.similarity, r.matched, r.detected_after = v["similarity"], v["matched"], v["detected"]
-            r.face_quality = face_quality(p.image, r.image, p.faces)
+            r.face_quality = face_quality(p.image, r.image, p.faces, native_lpips=False)
             r.seconds += share + time.perf_counter() - tq
     return results  # type: ignore[return-value]

@@ -76,12 +76,20 @@ def face_crop(image: np.ndarray, region: tuple[int, int, int, int], size: int | 
     return crop
 
 
+def _linearise(c: np.ndarray) -> np.ndarray:
+    """sRGB [0, 1] -> linear light (IEC 61966-2-1)."""
+    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+
+
+_SRGB_LINEAR = _linearise(np.arange(256, dtype=np.float64) / 255.0)
+
+
 def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
     """uint8 (or [0, 1] float) sRGB ``[..., 3]`` -> CIE Lab ``[..., 3]`` (D65, 2 degree)."""
-    c = np.asarray(rgb, np.float64)
     if np.asarray(rgb).dtype == np.uint8:
-        c = c / 255.0
-    lin = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+        lin = _SRGB_LINEAR[np.asarray(rgb)]  # the same formula, evaluated once per code value
+    else:
+        lin = _linearise(np.asarray(rgb, np.float64))
     m = np.array([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]])
     xyz = lin @ m.T / np.array([0.95047, 1.0, 1.08883])
     d = 6.0 / 29.0
@@ -147,7 +155,8 @@ def _lpips(a: np.ndarray, b: np.ndarray, net: str) -> float:
 
 
 def crop_quality(clean: np.ndarray, cloaked: np.ndarray, *, lpips: bool = True) -> dict[str, float]:
-    """Every metric of :data:`METRICS` for two uint8 crops of equal shape."""
+    """Every metric of :data:`METRICS` for two uint8 crops of equal shape (without the two
+    LPIPS figures when ``lpips`` is False)."""
     if clean.shape != cloaked.shape:
         raise ValueError(f"crops differ in size: {clean.shape} vs {cloaked.shape}")
     from lowkey_jax.pipeline import psnr
@@ -166,11 +175,15 @@ def crop_quality(clean: np.ndarray, cloaked: np.ndarray, *, lpips: bool = True) 
     return out
 
 
-def face_quality(clean: np.ndarray, cloaked: np.ndarray, faces: Sequence[Face], *, lpips: bool = True) -> list[dict]:
+def face_quality(clean: np.ndarray, cloaked: np.ndarray, faces: Sequence[Face], *, lpips: bool = True,
+                 native_lpips: bool = True) -> list[dict]:
     """Per face: ``{"region": [x0, y0, x1, y1], "native": {...}, "crop224": {...}}``.
 
     ``clean`` and ``cloaked`` are uint8 ``[H, W, 3]`` of the same size; ``faces`` are those
-    found in ``clean``.
+    found in ``clean``. ``lpips=False`` leaves out both LPIPS figures; ``native_lpips=False``
+    leaves them out of the native view only. That view's LPIPS costs the most by far (VGG on
+    a crop of up to 512x512, compiled anew for every crop size), while the 224x224 view has
+    one shape for every face; ``cloak``'s check after the attack takes this cheaper route.
     """
     if clean.shape != cloaked.shape:
         raise ValueError(f"images differ in size: {clean.shape} vs {cloaked.shape}")
@@ -179,7 +192,7 @@ def face_quality(clean: np.ndarray, cloaked: np.ndarray, faces: Sequence[Face], 
         r = face_region(f, clean.shape)
         out.append({
             "region": list(r),
-            "native": crop_quality(face_crop(clean, r), face_crop(cloaked, r), lpips=lpips),
+            "native": crop_quality(face_crop(clean, r), face_crop(cloaked, r), lpips=lpips and native_lpips),
             "crop224": crop_quality(face_crop(clean, r, CROP_SIZE), face_crop(cloaked, r, CROP_SIZE), lpips=lpips),
         })
     return out

@@ -244,6 +244,8 @@ def test_supersampled_chips_box_filter_large_faces_and_match_plain_warp_at_s1():
               SimpleNamespace(transforms={"dlib": ts[1, :1], "facenet": ts[1, :1], "sface": ts[0, 1:]})]
     assert chip_supersampling(photos, ("dlib", "facenet", "sface")) == (("dlib", 3), ("facenet", 1))
     assert chip_supersampling(photos, ("sface",)) == ()
+    # Config.smooth_chips: every recogniser in the ensemble, in the ensemble's order.
+    assert chip_supersampling(photos, ("sface", "dlib"), smooth_all=True) == (("sface", MAX_SUPERSAMPLE), ("dlib", 3))
 
 
 def test_alignment_jitter_is_bounded_and_fresh_each_step():

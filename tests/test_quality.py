@@ -80,8 +80,17 @@ def test_face_quality_measures_the_face_not_the_background():
     assert 0.3 < q["native"]["ciede2000_mean"] < q["native"]["ciede2000_p99"] < 5.0
     assert 0.0 < q["native"]["lpips_alex"] < 0.2 and 0.0 < q["crop224"]["lpips_vgg"] < 0.5
     assert q["crop224"]["psnr"] > q["native"]["psnr"]  # resizing averages the noise down
+    cheap = face_quality(clean, noisy, [face], native_lpips=False)[0]  # cloak()'s check after the attack
+    assert "lpips_alex" not in cheap["native"] and "lpips_vgg" not in cheap["native"]
+    assert cheap["crop224"]["lpips_alex"] == q["crop224"]["lpips_alex"] and cheap["native"]["ssim"] == q["native"]["ssim"]
     with pytest.raises(ValueError, match="differ in size"):
         face_quality(clean, noisy[:-1], [face])
+
+
+def test_lab_of_uint8_through_the_lookup_table_equals_the_formula():
+    a = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, axis=2)
+    a[..., 1] = a[..., 1][::-1]
+    np.testing.assert_allclose(srgb_to_lab(a), srgb_to_lab(a.astype(np.float64) / 255.0), rtol=0, atol=1e-12)
 
 
 def test_summarise_reports_the_worst_face_in_the_right_direction():

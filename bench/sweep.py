@@ -177,7 +177,8 @@ def _row(name: str, r: dict) -> dict:
     worst = lambda t, ms: float(np.max([r["protection"][t][m]["match_rate_shipped"] for m in ms])) if ms else float("nan")
     return {
         "setting": name, "config": {k: v for k, v in r["meta"]["config"].items() if k in (
-            "steps", "step_size", "alpha", "epsilon", "chroma", "texture", "momentum", "smooth_grad", "jitter", "models")},
+            "steps", "step_size", "alpha", "epsilon", "chroma", "texture", "momentum", "smooth_grad", "jitter", "models",
+            "smooth_chips")},
         "unseen": unseen, "white_box": own,
         "unseen_match": mr("none", unseen), "unseen_match_platform": mr(PLATFORM, unseen),
         "unseen_worst_platform": worst(PLATFORM, unseen),
@@ -195,14 +196,12 @@ def _row(name: str, r: dict) -> dict:
 
 def cmd_report() -> None:
     results = json.loads((work_dir() / "grades.json").read_text())
-    from lowkey_jax.presets import LEVELS
+    from lowkey_jax.presets import LEVELS, matches
 
     rows = [_row(n, r) for n, r in results.items()]
     for row in rows:  # which --level preset a setting is
         cfg = results[row["setting"]]["meta"]["config"]
-        row["preset"] = next((lv for lv, p in LEVELS.items() if all(
-            (cfg.get(k) is None and v is None) or (cfg.get(k) is not None and v is not None and abs(cfg[k] - v) < 1e-9)
-            for k, v in p.items())), None)
+        row["preset"] = next((lv for lv, p in LEVELS.items() if matches(p, cfg)), None)
     rows.sort(key=lambda r: r["face_ciede2000_mean"])
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "sweep.json").write_text(json.dumps({"data": "shared/faces/celebs (gallery photo of each identity)",

@@ -117,6 +117,7 @@ class Level(str, Enum):
     low = "low"
     mid = "mid"
     high = "high"
+    reference = "reference"
 
 
 class OutFormat(str, Enum):
@@ -238,7 +239,7 @@ def cloak_command(
     paths: Annotated[list[Path], typer.Argument(help="Photos and/or folders of photos.", show_default=False)],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write outputs into this folder (created if missing) instead of beside each input.")] = None,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Also take photos from sub-folders (mirrored under --output).")] = False,
-    level: Annotated[Level, typer.Option("--level", case_sensitive=False, help="How strong and how visible. low = subtle: brightness changes of at most 8/255 shaped to the photo's texture, faces look unchanged at a glance; defeats dlib, FaceNet and SFace but not reliably recognisers the attack never saw. mid (default) = the released LowKey setting: full protection in our measurements, visibly alters faces. high = 100 steps, lighter visibility penalty: stronger, more visible. Measurements: docs/eval/sweep.md. --steps/--alpha override the preset's.")] = Level.mid,
+    level: Annotated[Level, typer.Option("--level", case_sensitive=False, help="How strong and how visible (measurements: docs/eval/sweep.md). low = subtle: brightness changes of at most 8/255 (colour 2/255) shaped to the photo's texture; defeats dlib, FaceNet and SFace but not reliably recognisers the attack never saw. mid (default) = at most 10/255 on brightness, 2.5/255 on colour, shaped the same way: the least visible setting that kept recognisers the attack never saw to at most 10% of matches after halving + JPEG 75; eye colour and skin tone stay, smooth skin shows faint mottling at 1:1. high = the released LowKey objective without a budget, 100 steps, lighter visibility penalty: strongest, visibly alters faces. reference = the released LowKey setting (50 steps, no budget). --steps/--alpha override the preset's.")] = Level.mid,
     steps: Annotated[int | None, typer.Option("--steps", min=0, help="Attack steps (default: from --level).")] = None,
     alpha: Annotated[float | None, typer.Option("--alpha", min=0.0, help="Weight of the LPIPS visibility penalty; higher = subtler (default: from --level).")] = None,
     models: Annotated[str, typer.Option("--models", help="Recognisers to fool, comma-separated, from dlib,facenet,sface,facenet128,arcface-mobilenet.")] = ",".join(RECOGNIZER_NAMES),

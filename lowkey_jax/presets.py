@@ -2,19 +2,21 @@
 
 Each preset is a set of :class:`lowkey_jax.attack.Config` overrides, chosen from the
 protection/visibility sweep (``bench/sweep.py``; results in ``docs/eval/sweep.md``). The rule
-for the default, ``mid``: the least visible measured setting that keeps recognisers the
-attack never saw at or below a 10% match rate after the cloaked photo is halved and
-re-encoded as JPEG 75. On the settings measured so far only the released LowKey setting
-meets it, so ``mid`` is that setting and it is visible on faces; ``low`` is the best subtle
-setting measured (a budget of 8/255 on brightness, 2/255 on colour, shaped to the photo's
-texture): it defeats the recognisers in the attack but not reliably the ones it never saw.
-``high`` runs longer with a lighter visibility penalty. This module imports nothing heavy, so
-front ends can list the presets without starting JAX.
+for the default, ``mid`` (:func:`default_by_rule`, checked by ``tests/test_presets.py``): the
+least visible measured setting (face CIEDE2000) whose worst recogniser *outside* the attack's
+ensemble matches at most 10% of probe pairs after the cloaked photo is halved and re-encoded
+as JPEG 75. That is a budget of 10/255 on brightness (2.5/255 on colour), shaped to the
+photo's texture, with momentum: it keeps eye colour and skin tone, and leaves faint mottling
+on smooth skin at 1:1. ``low`` is subtler (8/255) and defeats the recognisers in the attack
+but not reliably the ones it never saw. ``high`` is the released LowKey objective run twice as
+long with half the visibility penalty (strongest, visibly changes faces); ``reference`` is
+the released LowKey setting itself. This module imports nothing heavy, so front ends can list
+the presets without starting JAX.
 """
 
 from __future__ import annotations
 
-__all__ = ["LEVELS", "DEFAULT_LEVEL", "describe"]
+__all__ = ["LEVELS", "DEFAULT_LEVEL", "MAX_UNSEEN_MATCH", "describe", "matches", "default_by_rule"]
 
 E = 1.0 / 255.0
 _PLAIN = {"epsilon": None, "step_size": 0.0025, "chroma": None, "texture": 0.0, "momentum": 0.0}
@@ -22,10 +24,36 @@ _PLAIN = {"epsilon": None, "step_size": 0.0025, "chroma": None, "texture": 0.0, 
 LEVELS: dict[str, dict[str, float | int | None]] = {
     "low": {"steps": 50, "alpha": 0.05, "epsilon": 8 * E, "step_size": 0.8 * E, "chroma": 0.25, "texture": 0.75,
             "momentum": 0.9},
-    "mid": {"steps": 50, "alpha": 0.05, **_PLAIN},  # the released LowKey setting
+    "mid": {"steps": 50, "alpha": 0.05, "epsilon": 10 * E, "step_size": 1.0 * E, "chroma": 0.25, "texture": 0.75,
+            "momentum": 0.9},
     "high": {"steps": 100, "alpha": 0.025, **_PLAIN},
+    "reference": {"steps": 50, "alpha": 0.05, **_PLAIN},  # the released LowKey setting
 }
 DEFAULT_LEVEL = "mid"
+
+
+MAX_UNSEEN_MATCH = 0.10  # the default's protection requirement (issue #10)
+
+
+def matches(preset: dict, config: dict) -> bool:
+    """Whether a Config given as a dict (e.g. a sweep row's) has every setting of ``preset``.
+    A flag missing from ``config`` counts as off."""
+    def same(v, c) -> bool:
+        if isinstance(v, bool) or isinstance(c, bool):
+            return bool(v) == bool(c)
+        if v is None or c is None:
+            return v is None and c is None
+        return abs(float(v) - float(c)) <= 1e-9
+
+    return all(same(v, config.get(k)) for k, v in preset.items())
+
+
+def default_by_rule(rows: list[dict]) -> dict | None:
+    """The sweep row the rule for ``mid`` picks (``docs/eval/sweep.json`` rows): the least
+    visible setting (face CIEDE2000 mean) whose *worst* unseen recogniser matches at most
+    :data:`MAX_UNSEEN_MATCH` of the pairs after halving + JPEG 75. None if no row does."""
+    ok = [r for r in rows if r["unseen"] and r["unseen_worst_platform"] <= MAX_UNSEEN_MATCH]
+    return min(ok, key=lambda r: r["face_ciede2000_mean"]) if ok else None
 
 
 def describe(name: str) -> str:

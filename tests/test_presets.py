@@ -1,0 +1,47 @@
+"""The --level presets follow the measured sweep (docs/eval/sweep.json, written by
+``bench/sweep.py report``): if the sweep changes and the presets do not, this fails."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lowkey_jax.presets import DEFAULT_LEVEL, LEVELS, MAX_UNSEEN_MATCH, default_by_rule, matches
+
+SWEEP = Path(__file__).resolve().parents[1] / "docs" / "eval" / "sweep.json"
+
+
+@pytest.fixture(scope="module")
+def rows() -> list[dict]:
+    return json.loads(SWEEP.read_text())["rows"]
+
+
+def test_the_default_is_the_least_visible_setting_that_protects(rows):
+    chosen = default_by_rule(rows)
+    assert chosen is not None, "no swept setting meets the protection rule"
+    assert chosen["unseen_worst_platform"] <= MAX_UNSEEN_MATCH
+    assert DEFAULT_LEVEL == "mid"
+    assert matches(LEVELS["mid"], chosen["config"]), (chosen["setting"], LEVELS["mid"])
+    # and nothing less visible protects as well
+    for r in rows:
+        if r["face_ciede2000_mean"] < chosen["face_ciede2000_mean"]:
+            assert r["unseen_worst_platform"] > MAX_UNSEEN_MATCH, r["setting"]
+
+
+def test_every_preset_but_high_was_measured_and_low_is_subtler_than_mid(rows):
+    measured = {lv: r for lv in LEVELS for r in rows if matches(LEVELS[lv], r["config"])}
+    assert {"low", "mid", "reference"} <= set(measured), sorted(measured)
+    assert measured["low"]["face_ciede2000_mean"] < measured["mid"]["face_ciede2000_mean"]
+    assert measured["mid"]["face_ciede2000_mean"] < measured["reference"]["face_ciede2000_mean"]
+    # the report marks each row with the preset it is
+    for lv, r in measured.items():
+        assert r["preset"] == lv
+
+
+def test_matches_reads_flags_missing_from_old_rows_as_off():
+    assert matches({"epsilon": None, "smooth_chips": False}, {"epsilon": None})
+    assert not matches({"smooth_chips": True}, {})
+    assert matches({"epsilon": 12 / 255, "chroma": 0.25}, {"epsilon": 0.047058823529411764, "chroma": 0.25, "x": 1})
+    assert not matches({"epsilon": None}, {"epsilon": 0.03})

@@ -353,10 +353,18 @@ def scatter_plot(points: list[dict], path: Path, *, x: str, y: str, xlabel: str,
     if xline is not None and xline[0] < xmax:
         d.line([(px(xline[0]), 20), (px(xline[0]), h - pad)], fill=(200, 200, 200))
         d.text((px(xline[0]) + 3, 25), xline[1], fill=(120, 120, 120))
-    for p in points:
+    placed: list[tuple[float, float, float, float]] = []  # label boxes drawn so far
+    for p in sorted(points, key=lambda q: -q[y]):
         cx, cy = px(p[x]), h - pad - (h - pad - 20) * p[y]
         d.ellipse([cx - 5, cy - 5, cx + 5, cy + 5], fill=(31, 119, 180))
-        d.text((cx + 7, cy - 7), p["label"], fill="black")
+        x0, x1 = d.textbbox((cx + 7, 0), p["label"])[0::2]
+        ty = cy - 7
+        while any(x0 < b[2] and b[0] < x1 and ty < b[3] and b[1] < ty + 12 for b in placed):
+            ty += 13  # below the label it would cover, with a leader line to its point
+        if ty != cy - 7:
+            d.line([(cx + 4, cy + 3), (cx + 7, ty + 6)], fill=(150, 150, 150))
+        d.text((cx + 7, ty), p["label"], fill="black")
+        placed.append((x0, ty, x1, ty + 12))
     im.save(path)
 
 

@@ -6,8 +6,8 @@ for the default, ``mid`` (:func:`default_by_rule`, checked by ``tests/test_prese
 least visible measured setting (face CIEDE2000) whose worst recogniser *outside* the attack's
 ensemble matches at most 10% of probe pairs after the cloaked photo is halved and re-encoded
 as JPEG 75. That is a budget of 10/255 on brightness (2.5/255 on colour), shaped to the
-photo's texture, with momentum: it keeps eye colour and skin tone, and leaves faint mottling
-on smooth skin at 1:1. ``low`` is subtler (8/255) and defeats the recognisers in the attack
+photo's texture, with momentum and alignment jitter: it keeps eye colour and skin tone, and
+leaves faint mottling on smooth skin at 1:1. ``low`` is subtler (8/255) and defeats the recognisers in the attack
 but not reliably the ones it never saw. ``high`` is the released LowKey objective run twice as
 long with half the visibility penalty (strongest, visibly changes faces); ``reference`` is
 the released LowKey setting itself. This module imports nothing heavy, so front ends can list
@@ -23,9 +23,9 @@ _PLAIN = {"epsilon": None, "step_size": 0.0025, "chroma": None, "texture": 0.0, 
 
 LEVELS: dict[str, dict[str, float | int | None]] = {
     "low": {"steps": 50, "alpha": 0.05, "epsilon": 8 * E, "step_size": 0.8 * E, "chroma": 0.25, "texture": 0.75,
-            "momentum": 0.9},
+            "momentum": 0.9, "jitter": 0.05},
     "mid": {"steps": 50, "alpha": 0.05, "epsilon": 10 * E, "step_size": 1.0 * E, "chroma": 0.25, "texture": 0.75,
-            "momentum": 0.9},
+            "momentum": 0.9, "jitter": 0.05},
     "high": {"steps": 100, "alpha": 0.025, **_PLAIN},
     "reference": {"steps": 50, "alpha": 0.05, **_PLAIN},  # the released LowKey setting
 }
@@ -61,4 +61,7 @@ def describe(name: str) -> str:
     p = LEVELS[name]
     if p.get("epsilon") is None:
         return f"{p['steps']} steps of {p['step_size']:g}, alpha {p['alpha']:g}, no budget"
-    return f"{p['steps']} steps, budget {round(p['epsilon'] * 255)}/255 on brightness, colour {p['chroma']:g}x"
+    text = f"{p['steps']} steps, budget {round(p['epsilon'] * 255)}/255 on brightness, colour {p['chroma']:g}x"
+    if p.get("jitter"):
+        text += f", alignment jitter {p['jitter']:.0%}"
+    return text

@@ -122,6 +122,7 @@ class FakeConfig:
     chroma: float | None = None
     texture: float = 0.0
     momentum: float = 0.0
+    jitter: float = 0.0
 
 
 @dataclasses.dataclass

@@ -33,6 +33,7 @@ from PIL import Image, ImageDraw
 from lowkey_jax.attack import Config, cloak
 from lowkey_jax.evaluate import (PLATFORM, clean_set, load_dataset, measure_protection, measure_quality, scatter_plot,
                                  split_gallery)
+from lowkey_jax.presets import budgeted
 from lowkey_jax.quality import face_crop, face_region
 from lowkey_jax.recognizers import RECOGNIZERS
 from lowkey_jax.store import home
@@ -42,31 +43,29 @@ SHARED = Path(os.environ.get("LOWKEY_SHARED", ROOT.parent / "shared"))
 OUT = ROOT / "docs" / "eval"
 E = 1.0 / 255.0
 
-# name -> Config overrides. "ref" is the released LowKey setting (today's default).
+# name -> Config overrides (presets.budgeted: n/255 shaped with momentum, and what differs). "ref" is the
+# released LowKey setting.
 SETTINGS: dict[str, dict] = {
     "ref": {},
-    "eps8": dict(epsilon=8 * E, step_size=0.8 * E),
-    "eps8-shaped": dict(epsilon=8 * E, step_size=0.8 * E, chroma=0.25, texture=0.75),
-    "eps8-shaped-mom": dict(epsilon=8 * E, step_size=0.8 * E, chroma=0.25, texture=0.75, momentum=0.9),
-    "eps6-shaped-mom": dict(epsilon=6 * E, step_size=0.6 * E, chroma=0.25, texture=0.75, momentum=0.9),
-    "eps6-shaped-mom-ti": dict(epsilon=6 * E, step_size=0.6 * E, chroma=0.25, texture=0.75, momentum=0.9, smooth_grad=1.0),
-    "eps6-shaped-mom-jit": dict(epsilon=6 * E, step_size=0.6 * E, chroma=0.25, texture=0.75, momentum=0.9, jitter=0.05),
-    "eps6-mom": dict(epsilon=6 * E, step_size=0.6 * E, momentum=0.9),
-    "eps6-shaped": dict(epsilon=6 * E, step_size=0.6 * E, chroma=0.25, texture=0.75),
-    "eps4-shaped-mom": dict(epsilon=4 * E, step_size=0.4 * E, chroma=0.25, texture=0.75, momentum=0.9),
-    "eps12-shaped-mom": dict(epsilon=12 * E, step_size=1.2 * E, chroma=0.25, texture=0.75, momentum=0.9),
-    "eps16-shaped-mom": dict(epsilon=16 * E, step_size=1.6 * E, chroma=0.25, texture=0.75, momentum=0.9),
-    "eps10-shaped-mom": dict(epsilon=10 * E, step_size=1.0 * E, chroma=0.25, texture=0.75, momentum=0.9),
-    "eps12-shaped-mom-smooth": dict(epsilon=12 * E, step_size=1.2 * E, chroma=0.25, texture=0.75, momentum=0.9,
-                                    smooth_chips=True),
-    "eps10-shaped-mom-smooth": dict(epsilon=10 * E, step_size=1.0 * E, chroma=0.25, texture=0.75, momentum=0.9,
-                                    smooth_chips=True),
-    "eps9-shaped-mom-jit": dict(epsilon=9 * E, step_size=0.9 * E, chroma=0.25, texture=0.75, momentum=0.9, jitter=0.05),
-    "eps10-shaped-mom-jit": dict(epsilon=10 * E, step_size=1.0 * E, chroma=0.25, texture=0.75, momentum=0.9,
-                                 jitter=0.05),
-    "eps8-shaped-mom-ti": dict(epsilon=8 * E, step_size=0.8 * E, chroma=0.25, texture=0.75, momentum=0.9, smooth_grad=1.0),
-    "eps8-shaped-mom-jit": dict(epsilon=8 * E, step_size=0.8 * E, chroma=0.25, texture=0.75, momentum=0.9, jitter=0.05),
-    "eps6-luma-mom": dict(epsilon=6 * E, step_size=0.6 * E, chroma=0.0, texture=0.75, momentum=0.9),
+    "eps8": budgeted(8, chroma=None, texture=0.0, momentum=0.0),
+    "eps8-shaped": budgeted(8, momentum=0.0),
+    "eps8-shaped-mom": budgeted(8),
+    "eps6-shaped-mom": budgeted(6),
+    "eps6-shaped-mom-ti": budgeted(6, smooth_grad=1.0),
+    "eps6-shaped-mom-jit": budgeted(6, jitter=0.05),
+    "eps6-mom": budgeted(6, chroma=None, texture=0.0),
+    "eps6-shaped": budgeted(6, momentum=0.0),
+    "eps4-shaped-mom": budgeted(4),
+    "eps12-shaped-mom": budgeted(12),
+    "eps16-shaped-mom": budgeted(16),
+    "eps10-shaped-mom": budgeted(10),
+    "eps12-shaped-mom-smooth": budgeted(12, smooth_chips=True),
+    "eps10-shaped-mom-smooth": budgeted(10, smooth_chips=True),
+    "eps9-shaped-mom-jit": budgeted(9, jitter=0.05),
+    "eps10-shaped-mom-jit": budgeted(10, jitter=0.05),
+    "eps8-shaped-mom-ti": budgeted(8, smooth_grad=1.0),
+    "eps8-shaped-mom-jit": budgeted(8, jitter=0.05),
+    "eps6-luma-mom": budgeted(6, chroma=0.0),
 }
 
 

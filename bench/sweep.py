@@ -65,6 +65,8 @@ SETTINGS: dict[str, dict] = {
     "eps10-shaped-mom-jit": budgeted(10, jitter=0.05),
     "eps8-shaped-mom-ti": budgeted(8, smooth_grad=1.0),
     "eps8-shaped-mom-jit": budgeted(8, jitter=0.05),
+    "eps8-shaped-mom-jit10": budgeted(8, jitter=0.10),
+    "eps8-shaped-mom-jit-bal": budgeted(8, jitter=0.05, balance=True),
     "eps6-luma-mom": budgeted(6, chroma=0.0),
 }
 

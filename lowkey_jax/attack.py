@@ -16,7 +16,9 @@ with the same shapes: give every process the same number of photos of the same b
 shape, face-slot count and chip supersampling (e.g. photos of one size with one face each).
 
 Compilation: :func:`enable_compilation_cache` (called by :func:`cloak`) stores compiled
-programs under ``$LOWKEY_JAX_HOME/xla-cache``, so later processes skip compilation.
+programs under ``$LOWKEY_JAX_HOME/xla-cache``, so later processes skip compilation; the
+attack itself is stored there as a whole executable (:mod:`lowkey_jax.executables`, in
+``xla-cache/attack``), so later processes skip tracing it too.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import time
 import zlib
 from collections.abc import Callable, Sequence
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +41,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lowkey_jax import align as _align
+from lowkey_jax import executables
 from lowkey_jax.detect import DETECT_SIDE, detect_faces
 from lowkey_jax.face import Face, face_slots
 from lowkey_jax.objective import (YCBCR_TO_RGB, Geometry, Model, budget_map, clean_features, gaussian_smooth, objective,
@@ -106,6 +110,9 @@ class Config:
         (SFace's ``cv2.warpAffine``). Plain sampling of a face several times larger than the
         chip reads one photo pixel in every few, and the attack then prints a visible
         lattice of dots on those pixels, which halving or JPEG wipe out anyway.
+      balance: weight each recogniser's feature distance by its dimension, so every model of
+        the ensemble counts alike (``objective.objective(balance=...)``; off: the reference's
+        mean over dims, which under-weights FaceNet's 512-D features 4x).
     """
 
     steps: int = 50
@@ -129,6 +136,7 @@ class Config:
     smooth_grad: float = 0.0
     precision: str = "highest"
     smooth_chips: bool = False
+    balance: bool = False
 
     @classmethod
     def preset(cls, level: str = "mid", **overrides) -> "Config":
@@ -219,6 +227,7 @@ class Result:
 # the embedders and the many small eager ops take 0.01-1 s each; the whole cache holds a
 # few MB for a handful of photo shapes).
 CACHE_MIN_COMPILE_SECONDS = 0.0
+EXECUTABLES_DIR = "attack"  # whole compiled attacks, under the compilation cache directory
 NO_CACHE_ENV = "LOWKEY_JAX_NO_COMPILE_CACHE"
 
 
@@ -472,6 +481,7 @@ class Attack:
         self._replicated = NamedSharding(self.mesh, P())
         self.params = jax.device_put(params, self._replicated)
         self._fns: dict[tuple, Callable] = {}
+        self._executables: dict[tuple, Callable] = {}
         self._lpips_fn: Callable | None = None
         self.compiled_shapes: set[tuple] = set()
 
@@ -491,6 +501,32 @@ class Attack:
                 donate_argnums=(1,),
             )
         return self._fns[key]
+
+    def _executable(self, supersample: tuple[tuple[str, int], ...], args: tuple) -> Callable:
+        """The compiled attack (without progress callback) for ``args``: from memory, else
+        from the executable store (no tracing), else traced and compiled here and stored.
+        Without a compilation cache directory (opted out) or on several processes, this is
+        the plain jitted function."""
+        sig = (supersample, executables.signature(args))
+        if sig in self._executables:
+            return self._executables[sig]
+        fn = self._compiled(supersample)
+        cache_dir = jax.config.jax_compilation_cache_dir
+        if not cache_dir or jax.process_count() > 1:
+            return fn
+        config = dataclasses.replace(self.config, seed=0, restarts=1, batch_size=1)
+        path = Path(cache_dir) / EXECUTABLES_DIR / f"{executables.key(config, sig)}.bin"
+        exe = executables.load(path, args)
+        if exe is None:
+            with executables.CompileWatch() as watch:
+                exe = fn.lower(*args).compile()
+            if not watch.hits:  # compiled here (one read back from JAX's cache cannot be stored)
+                executables.store(path, exe)
+            own = compilation_cache_dir()
+            if own is not None and Path(cache_dir) == own:  # JAX's copy would shadow ours next time
+                executables.drop_jax_entries(own, "_attack_batch")
+        self._executables[sig] = exe
+        return exe
 
     def photo_lpips(self, clean: np.ndarray, adv: np.ndarray) -> float:
         """LPIPS-AlexNet between two float32 ``[h, w, 3]`` working-resolution photos."""
@@ -537,8 +573,12 @@ class Attack:
         shape = (len(padded), *bucket, slots, ss)
         _report_stage("cloaking" if shape in self.compiled_shapes else "compiling")
         self.compiled_shapes.add(shape)
-        fn = self._compiled(ss, progress=_progress_hook[0] is not None)
-        delta, distance, lp = fn(self.params, *self._put((clean, pmask, geometry, keys)))
+        args = (self.params, *self._put((clean, pmask, geometry, keys)))
+        if _progress_hook[0] is not None:  # a host callback per step: never stored
+            fn = self._compiled(ss, progress=True)
+        else:
+            fn = self._executable(ss, args)
+        delta, distance, lp = fn(*args)
         return (self._local(delta)[:n], self._local(distance)[:n], self._local(lp)[:n])
 
 
@@ -604,7 +644,7 @@ def _attack_batch(params, clean, pmask, geometry, keys, *, config: Config, graph
     lpips = nnx.merge(graphdefs["lpips"], params["lpips"])
     optimiser = _optimiser(config)
     kwargs = dict(alpha=config.alpha, blur=config.blur, blur_sigma=config.blur_sigma,
-                  blur_kernel=config.blur_kernel, lpips_max_side=config.lpips_max_side)
+                  blur_kernel=config.blur_kernel, lpips_max_side=config.lpips_max_side, balance=config.balance)
 
     def one(x, mask, geom, key):
         targets = jax.tree.map(jax.lax.stop_gradient, clean_features(models, x, geom))

@@ -4,21 +4,38 @@ Converted checkpoints are flat ``{"path.to.param": array}`` dicts whose keys are
 module's own attribute paths joined with ``"."`` (list indices included, e.g.
 ``"blocks.0.conv.kernel"``). Loading is all-or-nothing: any missing key, unexpected key,
 shape or dtype mismatch raises :class:`CheckpointError` listing every problem at once.
+
+Modules are built abstractly (:func:`abstract`: ``nnx.eval_shape``, no random
+initialisation) and then filled: building them with real random weights that are thrown
+away at once cost one compiled program per distinct initialiser shape (a few hundred small
+XLA programs per process, seconds on every CLI start).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-__all__ = ["CheckpointError", "flat_params", "load_params"]
+__all__ = ["CheckpointError", "abstract", "flat_params", "load_params"]
 
 
 class CheckpointError(ValueError):
     """A checkpoint does not match the module it is loaded into."""
+
+
+M = TypeVar("M", bound=nnx.Module)
+
+
+def abstract(factory: Callable[[], M]) -> M:
+    """``factory()`` built without computing anything: every parameter is a
+    ``jax.ShapeDtypeStruct`` until :func:`load_params` fills it (which fails listing any
+    parameter it cannot fill, so no placeholder survives)."""
+    return nnx.eval_shape(factory)
 
 
 def _key(path: tuple) -> str:
@@ -33,6 +50,9 @@ def flat_params(model: nnx.Module) -> dict[str, jnp.ndarray]:
 
 def load_params(model: nnx.Module, params: Mapping[str, np.ndarray], *, name: str = "checkpoint") -> nnx.Module:
     """Replace every ``nnx.Param`` of ``model`` with ``params`` (in place) and return it.
+
+    ``model`` may be concrete or :func:`abstract`. Values are copied to the default device
+    with ``jax.device_put`` (``jnp.asarray`` would compile a program per parameter shape).
 
     Raises:
       CheckpointError: listing missing keys, unexpected keys and shape/dtype mismatches.
@@ -59,6 +79,6 @@ def load_params(model: nnx.Module, params: Mapping[str, np.ndarray], *, name: st
             lines.extend("    " + m for m in mismatched)
         raise CheckpointError("\n".join(lines))
     for key, (_, var) in expected.items():
-        var.set_value(jnp.asarray(params[key]))
+        var.set_value(jax.device_put(np.asarray(params[key])))
     nnx.update(model, nnx.from_flat_state(flat))
     return model

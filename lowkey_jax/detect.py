@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lowkey_jax.checkpoint import load_params
+from lowkey_jax.checkpoint import abstract, load_params
 from lowkey_jax.face import Face
 from lowkey_jax.models.mtcnn import MTCNN, ONET_SIZE, PNET_CELL, PNET_STRIDE, RNET_SIZE, WEIGHTS
 
@@ -70,7 +70,7 @@ DETECT_SIDE = 1024
 @functools.cache
 def load_mtcnn() -> MTCNN:
     """The MTCNN networks with the pretrained weights (loaded once per process)."""
-    model = MTCNN(rngs=nnx.Rngs(0))
+    model = abstract(lambda: MTCNN(rngs=nnx.Rngs(0)))
     from lowkey_jax.store import load_weights
 
     return load_params(model, load_weights(WEIGHTS), name=f"weights {WEIGHTS}")

@@ -209,6 +209,7 @@ def objective(
     blur_sigma: float = 3.0,
     blur_kernel: int = 7,
     lpips_max_side: int = 512,
+    balance: bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The LowKey objective (to be maximised) and its parts.
 
@@ -218,6 +219,11 @@ def objective(
       models: ``{name: Model}``, the ensemble.
       targets: ``clean_features(models, clean, geometry)``.
       lpips: LPIPS distance function.
+      balance: weight each recogniser's term by its feature dimension over the ensemble's
+        mean dimension. The reference's mean over dims makes a term ``2 (1 - cos) / D`` for
+        unit features, so FaceNet's 512-D term counts 4x less than dlib's and SFace's 128-D
+        ones for the same change of cosine; balanced, every recogniser counts alike (and the
+        weights average 1, so the LPIPS weight keeps its meaning).
     Returns:
       ``(loss, {"distance": D, "lpips": P})``, scalars.
     """
@@ -225,12 +231,15 @@ def objective(
     if blur:
         branches.append(gaussian_smooth(adv, blur_sigma, blur_kernel))
     terms = []
+    dims = {name: targets[name].shape[-1] for name in models}
+    mean_dim = sum(dims.values()) / len(dims)
     for name, model in models.items():
         # Both branches' chips go through the network in one call: [branches * F] chips.
         chips = jnp.concatenate([_chips(b, geometry.transforms[name], model.chip_size, model.supersample) for b in branches])
         feats = _features_of_chips(model, chips).reshape(len(branches), -1, targets[name].shape[-1])
+        weight = dims[name] / mean_dim if balance else 1.0
         for f in feats:
-            terms.append(feature_distance(f, targets[name], geometry.mask))
+            terms.append(feature_distance(f, targets[name], geometry.mask) * jnp.float32(weight))
     distance = jnp.mean(jnp.stack(terms))
     perceptual = lpips_term(lpips, adv, clean, geometry, max_side=lpips_max_side)
     return distance - alpha * perceptual, {"distance": distance, "lpips": perceptual}

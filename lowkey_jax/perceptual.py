@@ -7,7 +7,7 @@ from typing import Literal
 
 from flax import nnx
 
-from lowkey_jax.checkpoint import load_params
+from lowkey_jax.checkpoint import abstract, load_params
 from lowkey_jax.models.lpips import LPIPS, WEIGHTS
 from lowkey_jax.store import load_weights
 
@@ -23,5 +23,5 @@ def load_lpips(net: Literal["alex", "vgg"] = "alex") -> LPIPS:
     """
     if net not in WEIGHTS:
         raise ValueError(f"net must be one of {sorted(WEIGHTS)}, got {net!r}")
-    model = LPIPS(net, rngs=nnx.Rngs(0))
+    model = abstract(lambda: LPIPS(net, rngs=nnx.Rngs(0)))
     return load_params(model, load_weights(WEIGHTS[net]), name=f"weights {WEIGHTS[net]}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 
 import jax
@@ -40,8 +40,7 @@ EMBED_CHUNK = 32
 
 
 def _chips(image: np.ndarray, faces: list[Face], name: str) -> list[np.ndarray]:
-    img = jnp.asarray(image, jnp.float32) / jnp.float32(255.0)
-    return [np.asarray(_align.align(img, f, name, image=image)) for f in faces]
+    return [_align.align_photo(image, f, name) for f in faces]
 
 
 def _embed_chips(chips: list[np.ndarray], name: str) -> np.ndarray:
@@ -153,25 +152,45 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
 
 
-def ssim(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean SSIM (dm-pix, 11x11 Gaussian window, sigma 1.5) of two uint8 RGB images."""
+@jax.jit
+def _ssim(a: jax.Array, b: jax.Array) -> jax.Array:
     import dm_pix as pix
 
-    x = jnp.asarray(a, jnp.float32) / jnp.float32(255.0)
-    y = jnp.asarray(b, jnp.float32) / jnp.float32(255.0)
+    x = a.astype(jnp.float32) / jnp.float32(255.0)
+    y = b.astype(jnp.float32) / jnp.float32(255.0)
     with jax.numpy_dtype_promotion("standard"):  # dm-pix's ssim mixes Python floats and int32
-        return float(pix.ssim(x, y))
+        return pix.ssim(x, y)
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean SSIM (dm-pix, 11x11 Gaussian window, sigma 1.5) of two uint8 RGB images."""
+    return float(_ssim(np.asarray(a), np.asarray(b)))
+
+
+@cache
+def _lpips_fn(net: str):
+    """LPIPS of two uint8 photos resized to a static shape, as one compiled program per
+    shape (called op by op, the networks cost a compiled program per layer and shape)."""
+    from lowkey_jax.perceptual import load_lpips
+
+    graphdef, state = nnx.split(load_lpips(net))
+
+    @partial(jax.jit, static_argnames=("shape",))
+    def fn(state, a, b, shape):
+        f = lambda im: jax.image.resize(im.astype(jnp.float32) / jnp.float32(255.0), shape, "linear", antialias=True)
+        return nnx.merge(graphdef, state)(f(a)[None], f(b)[None])[0]
+
+    return lambda a, b, shape: fn(state, a, b, shape)
 
 
 def lpips_photos(a: np.ndarray, b: np.ndarray, net: str = "alex", max_side: int = 1024) -> float:
     """LPIPS between two uint8 photos of equal size, both resized (antialiased) so the
     longest side is at most ``max_side`` (the attack's default working resolution)."""
-    from lowkey_jax.perceptual import load_lpips
-
+    if net not in ("alex", "vgg"):
+        raise ValueError(f"net must be 'alex' or 'vgg', got {net!r}")
     scale = min(1.0, max_side / max(a.shape[:2]))
     shape = (max(32, round(a.shape[0] * scale)), max(32, round(a.shape[1] * scale)), 3)
-    f = lambda im: jax.image.resize(jnp.asarray(im, jnp.float32) / jnp.float32(255.0), shape, "linear", antialias=True)
-    return float(load_lpips(net)(f(a)[None], f(b)[None])[0])
+    return float(_lpips_fn(net)(np.asarray(a), np.asarray(b), shape))
 
 
 def compare(original: np.ndarray, cloaked: np.ndarray, models=("dlib", "facenet", "sface")) -> dict:

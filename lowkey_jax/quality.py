@@ -36,6 +36,7 @@ __all__ = [
     "face_crop",
     "srgb_to_lab",
     "ciede2000",
+    "delta_e",
     "crop_quality",
     "face_quality",
     "summarise",
@@ -84,57 +85,105 @@ def _linearise(c: np.ndarray) -> np.ndarray:
 _SRGB_LINEAR = _linearise(np.arange(256, dtype=np.float64) / 255.0)
 
 
+_RGB_TO_XYZ = ((0.412453, 0.357580, 0.180423), (0.212671, 0.715160, 0.072169), (0.019334, 0.119193, 0.950227))
+_WHITE_D65 = (0.95047, 1.0, 1.08883)
+
+
+def _linear_to_lab(xp, lin):
+    """Linear-light RGB ``[..., 3]`` -> CIE Lab, with array module ``xp`` (numpy or jax.numpy)."""
+    white = xp.asarray(_WHITE_D65, lin.dtype).reshape((1,) * (lin.ndim - 1) + (3,))
+    xyz = lin @ xp.asarray(_RGB_TO_XYZ, lin.dtype).T / white
+    d = 6.0 / 29.0
+    f = xp.where(xyz > d**3, xp.cbrt(xyz), xyz / (3 * d * d) + 4.0 / 29.0)
+    L = 116.0 * f[..., 1] - 16.0
+    a = 500.0 * (f[..., 0] - f[..., 1])
+    b = 200.0 * (f[..., 1] - f[..., 2])
+    return xp.stack([L, a, b], axis=-1)
+
+
 def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
     """uint8 (or [0, 1] float) sRGB ``[..., 3]`` -> CIE Lab ``[..., 3]`` (D65, 2 degree)."""
     if np.asarray(rgb).dtype == np.uint8:
         lin = _SRGB_LINEAR[np.asarray(rgb)]  # the same formula, evaluated once per code value
     else:
         lin = _linearise(np.asarray(rgb, np.float64))
-    m = np.array([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]])
-    xyz = lin @ m.T / np.array([0.95047, 1.0, 1.08883])
-    d = 6.0 / 29.0
-    f = np.where(xyz > d**3, np.cbrt(xyz), xyz / (3 * d * d) + 4.0 / 29.0)
-    L = 116.0 * f[..., 1] - 16.0
-    a = 500.0 * (f[..., 0] - f[..., 1])
-    b = 200.0 * (f[..., 1] - f[..., 2])
-    return np.stack([L, a, b], axis=-1)
+    return _linear_to_lab(np, lin)
+
+
+def _ciede2000(xp, lab1, lab2):
+    """CIEDE2000 of Lab arrays ``[..., 3]`` with array module ``xp`` (numpy or jax.numpy)."""
+    L1, a1, b1 = xp.moveaxis(lab1, -1, 0)
+    L2, a2, b2 = xp.moveaxis(lab2, -1, 0)
+    c_bar = (xp.hypot(a1, b1) + xp.hypot(a2, b2)) / 2.0
+    g = 0.5 * (1.0 - xp.sqrt(c_bar**7 / (c_bar**7 + 25.0**7)))
+    a1p, a2p = (1.0 + g) * a1, (1.0 + g) * a2
+    c1p, c2p = xp.hypot(a1p, b1), xp.hypot(a2p, b2)
+    h1p = xp.mod(xp.arctan2(b1, a1p), 2 * np.pi)
+    h2p = xp.mod(xp.arctan2(b2, a2p), 2 * np.pi)
+    zero = (c1p * c2p) == 0
+    dh = h2p - h1p
+    dh = xp.where(dh > np.pi, dh - 2 * np.pi, xp.where(dh < -np.pi, dh + 2 * np.pi, dh))
+    dh = xp.where(zero, 0.0, dh)
+    dL = L2 - L1
+    dC = c2p - c1p
+    dH = 2.0 * xp.sqrt(c1p * c2p) * xp.sin(dh / 2.0)
+    L_bar = (L1 + L2) / 2.0
+    cp_bar = (c1p + c2p) / 2.0
+    hsum = h1p + h2p
+    h_bar = xp.where(xp.abs(h1p - h2p) <= np.pi, hsum / 2.0,
+                     xp.where(hsum < 2 * np.pi, (hsum + 2 * np.pi) / 2.0, (hsum - 2 * np.pi) / 2.0))
+    h_bar = xp.where(zero, hsum, h_bar)
+    t = (1.0 - 0.17 * xp.cos(h_bar - np.radians(30)) + 0.24 * xp.cos(2 * h_bar)
+         + 0.32 * xp.cos(3 * h_bar + np.radians(6)) - 0.20 * xp.cos(4 * h_bar - np.radians(63)))
+    d_theta = np.radians(30) * xp.exp(-(((h_bar * (180.0 / np.pi) - 275.0) / 25.0) ** 2))
+    r_c = 2.0 * xp.sqrt(cp_bar**7 / (cp_bar**7 + 25.0**7))
+    s_l = 1.0 + 0.015 * (L_bar - 50.0) ** 2 / xp.sqrt(20.0 + (L_bar - 50.0) ** 2)
+    s_c = 1.0 + 0.045 * cp_bar
+    s_h = 1.0 + 0.015 * cp_bar * t
+    r_t = -xp.sin(2 * d_theta) * r_c
+    return xp.sqrt((dL / s_l) ** 2 + (dC / s_c) ** 2 + (dH / s_h) ** 2 + r_t * (dC / s_c) * (dH / s_h))
 
 
 def ciede2000(lab1: np.ndarray, lab2: np.ndarray) -> np.ndarray:
     """CIEDE2000 colour difference of Lab arrays ``[..., 3]`` -> ``[...]`` (kL = kC = kH = 1).
 
-    Sharma, Wu and Dalal (2005), including their notes on hue at zero chroma.
+    Sharma, Wu and Dalal (2005), including their notes on hue at zero chroma. float64 numpy.
     """
-    L1, a1, b1 = np.moveaxis(np.asarray(lab1, np.float64), -1, 0)
-    L2, a2, b2 = np.moveaxis(np.asarray(lab2, np.float64), -1, 0)
-    c_bar = (np.hypot(a1, b1) + np.hypot(a2, b2)) / 2.0
-    g = 0.5 * (1.0 - np.sqrt(c_bar**7 / (c_bar**7 + 25.0**7)))
-    a1p, a2p = (1.0 + g) * a1, (1.0 + g) * a2
-    c1p, c2p = np.hypot(a1p, b1), np.hypot(a2p, b2)
-    h1p = np.mod(np.arctan2(b1, a1p), 2 * np.pi)
-    h2p = np.mod(np.arctan2(b2, a2p), 2 * np.pi)
-    zero = (c1p * c2p) == 0
-    dh = h2p - h1p
-    dh = np.where(dh > np.pi, dh - 2 * np.pi, np.where(dh < -np.pi, dh + 2 * np.pi, dh))
-    dh = np.where(zero, 0.0, dh)
-    dL = L2 - L1
-    dC = c2p - c1p
-    dH = 2.0 * np.sqrt(c1p * c2p) * np.sin(dh / 2.0)
-    L_bar = (L1 + L2) / 2.0
-    cp_bar = (c1p + c2p) / 2.0
-    hsum = h1p + h2p
-    h_bar = np.where(np.abs(h1p - h2p) <= np.pi, hsum / 2.0,
-                     np.where(hsum < 2 * np.pi, (hsum + 2 * np.pi) / 2.0, (hsum - 2 * np.pi) / 2.0))
-    h_bar = np.where(zero, hsum, h_bar)
-    t = (1.0 - 0.17 * np.cos(h_bar - np.radians(30)) + 0.24 * np.cos(2 * h_bar)
-         + 0.32 * np.cos(3 * h_bar + np.radians(6)) - 0.20 * np.cos(4 * h_bar - np.radians(63)))
-    d_theta = np.radians(30) * np.exp(-(((np.degrees(h_bar) - 275.0) / 25.0) ** 2))
-    r_c = 2.0 * np.sqrt(cp_bar**7 / (cp_bar**7 + 25.0**7))
-    s_l = 1.0 + 0.015 * (L_bar - 50.0) ** 2 / np.sqrt(20.0 + (L_bar - 50.0) ** 2)
-    s_c = 1.0 + 0.045 * cp_bar
-    s_h = 1.0 + 0.015 * cp_bar * t
-    r_t = -np.sin(2 * d_theta) * r_c
-    return np.sqrt((dL / s_l) ** 2 + (dC / s_c) ** 2 + (dH / s_h) ** 2 + r_t * (dC / s_c) * (dH / s_h))
+    return _ciede2000(np, np.asarray(lab1, np.float64), np.asarray(lab2, np.float64))
+
+
+def _delta_e_kernel(a, b):
+    import jax.numpy as jnp
+
+    table = jnp.asarray(_SRGB_LINEAR, jnp.float32)
+    return _ciede2000(jnp, _linear_to_lab(jnp, table[a]), _linear_to_lab(jnp, table[b]))
+
+
+_delta_e_jit = None
+
+
+def delta_e(clean: np.ndarray, cloaked: np.ndarray) -> np.ndarray:
+    """Per-pixel CIEDE2000 between two uint8 RGB images ``[..., 3]`` -> float32 ``[...]``.
+
+    The formula of :func:`ciede2000` on :func:`srgb_to_lab`, computed in float32 by one
+    compiled kernel (pixels padded to a power of two, so a handful of shapes serve every
+    crop): 8x faster than the float64 numpy path on a 1110x1110 face crop here. Per pixel it
+    is within 1e-3 of that path except near-grey pixels (hue ill-defined; at most about one
+    pixel in 10^4, within 0.02), so means and percentiles agree to 1e-3
+    (``tests/test_quality.py``).
+    """
+    global _delta_e_jit
+    import jax
+
+    if _delta_e_jit is None:
+        _delta_e_jit = jax.jit(_delta_e_kernel)
+    a = np.asarray(clean, np.uint8).reshape(-1, 3)
+    b = np.asarray(cloaked, np.uint8).reshape(-1, 3)
+    n = len(a)
+    size = max(4096, 1 << max(0, n - 1).bit_length())
+    pad = ((0, size - n), (0, 0))
+    out = np.asarray(_delta_e_jit(np.pad(a, pad), np.pad(b, pad)))[:n]
+    return out.reshape(np.shape(clean)[:-1])
 
 
 def _ssim(a: np.ndarray, b: np.ndarray) -> float:
@@ -161,7 +210,7 @@ def crop_quality(clean: np.ndarray, cloaked: np.ndarray, *, lpips: bool = True) 
         raise ValueError(f"crops differ in size: {clean.shape} vs {cloaked.shape}")
     from lowkey_jax.pipeline import psnr
 
-    de = ciede2000(srgb_to_lab(clean), srgb_to_lab(cloaked))
+    de = delta_e(clean, cloaked)
     out = {
         "psnr": psnr(clean, cloaked),
         "ssim": _ssim(clean, cloaked),

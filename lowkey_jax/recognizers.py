@@ -9,7 +9,7 @@ from functools import cache
 import jax
 from flax import nnx
 
-from lowkey_jax.checkpoint import load_params
+from lowkey_jax.checkpoint import abstract, load_params
 from lowkey_jax.store import load_weights
 
 __all__ = ["RECOGNIZERS", "Recognizer", "load_recognizer"]
@@ -61,11 +61,11 @@ def load_recognizer(name: str) -> Recognizer:
     module_name, cls_name, config_name = RECOGNIZERS[name]
     mod = importlib.import_module(module_name)
     if config_name is None:
-        model = getattr(mod, cls_name)(rngs=nnx.Rngs(0))
+        model = abstract(lambda: getattr(mod, cls_name)(rngs=nnx.Rngs(0)))
         weights, embed_dim = mod.WEIGHTS, mod.EMBED_DIM
     else:
         config = getattr(mod, config_name)
-        model = getattr(mod, cls_name)(rngs=nnx.Rngs(0), config=config)
+        model = abstract(lambda: getattr(mod, cls_name)(rngs=nnx.Rngs(0), config=config))
         weights, embed_dim = config.weights, config.embed_dim
     load_params(model, load_weights(weights), name=f"weights {weights}")
     return Recognizer(name, tuple(mod.INPUT_SIZE), int(embed_dim), model)

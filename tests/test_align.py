@@ -342,3 +342,27 @@ def test_align_dlib_gradient(photo):
     assert bool(jnp.all(jnp.isfinite(gf))) and float(jnp.abs(gf).max()) > 0.0
     chip = A.align(px, faces[0], "dlib", image=img)
     assert chip.shape == (150, 150, 3) and chip.dtype == jnp.float32
+
+
+def test_align_photo_is_align_as_one_kernel(photo):
+    """``align_photo`` (host arrays, one compiled kernel per recogniser and shape) gives the
+    chips of ``align`` (op by op) for every recogniser, on faces of different sizes
+    (including a dlib chip sampled from a pyramid level and a FaceNet crop that is shrunk),
+    up to the rounding of fused float32 arithmetic: sample coordinates near 1000 px carry
+    float32 steps of 6e-5 px, so 1e-4 on [0, 1] (a 40th of a grey level)."""
+    from lowkey_jax.detect import detect_faces
+
+    levels = set()
+    for name in ["img1.jpg", "img12.jpg", "selfie-many-people.jpg"]:
+        img = photo(name)
+        px = jnp.asarray(img, jnp.float32) / jnp.float32(255.0)
+        for face in detect_faces(img)[:3]:
+            levels.add(A.dlib_chip_geometry(A.dlib_landmarks(img, face), img.shape[:2]).level)
+            for model in ("dlib", "facenet", "sface", "facenet128", "arcface-mobilenet"):
+                want = np.asarray(A.align(px, face, model, image=img))
+                got = A.align_photo(img, face, model)
+                assert got.dtype == np.float32 and got.shape == want.shape, (model, got.shape, want.shape)
+                np.testing.assert_allclose(got, want, rtol=0, atol=1e-4, err_msg=f"{name} {model}")  # 0.03/255
+    assert -1 in levels and max(levels) >= 0, levels  # both dlib paths were exercised
+    with pytest.raises(ValueError, match="uint8"):
+        A.align_photo(np.zeros((8, 8, 3), np.float32), face, "sface")

@@ -79,6 +79,28 @@ def test_objective_jit_equals_eager_and_has_finite_gradient(one_face):
     assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.max(jnp.abs(g))) > 0
 
 
+def test_balance_weights_each_recogniser_by_its_feature_dimension(one_face):
+    """``balance``: the distance is the mean of per-model terms weighted by D_m / mean(D)
+    (FaceNet 512-D counts 4x SFace's 128-D); off, the reference's plain mean."""
+    faces = detect_faces(one_face)
+    p = prepare(0, one_face, faces, FAST)
+    names = ("sface", "facenet")
+    models = {n: Model(load_recognizer(n).embed, load_recognizer(n).input_size) for n in names}
+    lpips = lambda a, b: jnp.zeros((a.shape[0],), jnp.float32)
+    x = jnp.asarray(p.working)
+    geom = _geometry(p)
+    targets = clean_features(models, x, geom)
+    adv = jnp.clip(x + jax.random.uniform(jax.random.key(3), x.shape, jnp.float32, -0.03, 0.03), 0.0, 1.0)
+    single = {n: float(objective(adv, x, geom, {n: models[n]}, {n: targets[n]}, lpips, blur=False)[1]["distance"])
+              for n in names}
+    plain = float(objective(adv, x, geom, models, targets, lpips, blur=False)[1]["distance"])
+    balanced = float(objective(adv, x, geom, models, targets, lpips, blur=False, balance=True)[1]["distance"])
+    assert targets["sface"].shape[-1] == 128 and targets["facenet"].shape[-1] == 512
+    np.testing.assert_allclose(plain, (single["sface"] + single["facenet"]) / 2, rtol=1e-5)
+    np.testing.assert_allclose(balanced, (0.4 * single["sface"] + 1.6 * single["facenet"]) / 2, rtol=1e-5)
+    assert single["sface"] > 0 and single["facenet"] > 0
+
+
 def test_gaussian_smooth_is_a_7x7_sigma3_blur_with_reflect_padding():
     img = np.asarray(jax.random.uniform(jax.random.key(0), (20, 17, 3)), np.float64)
     taps = np.exp(-np.arange(-3, 4) ** 2 / (2 * 3.0**2))

@@ -87,6 +87,29 @@ def test_strict_loading_lists_every_problem(artifacts_dir, tmp_path):
     assert "net.convs.0.bias" in msg and "[65]" in msg
 
 
+def test_abstract_module_is_filled_completely_or_not_at_all(artifacts_dir, tmp_path):
+    """Modules are built without random initialisation (``checkpoint.abstract``): loading
+    fills every parameter with the checkpoint's values, and a checkpoint that leaves one out
+    fails listing it, so no placeholder survives into a model."""
+    import jax
+    from flax import nnx
+
+    from lowkey_jax.checkpoint import abstract, flat_params
+
+    params = convert_alex(_extract_inputs(artifacts_dir, "lpips_alex", tmp_path))
+    empty = abstract(lambda: LPIPS("alex", rngs=nnx.Rngs(0)))
+    assert all(isinstance(v, jax.ShapeDtypeStruct) for v in flat_params(empty).values())
+    model = load_params(empty, params)
+    loaded = flat_params(model)
+    assert loaded.keys() == params.keys()
+    for k, v in loaded.items():
+        assert isinstance(v, jax.Array) and np.array_equal(np.asarray(v), params[k]), k
+    partial = dict(params)
+    del partial["lins.2.kernel"]
+    with pytest.raises(CheckpointError, match="missing keys \\(1\\): lins.2.kernel"):
+        load_params(abstract(lambda: LPIPS("alex", rngs=nnx.Rngs(0))), partial)
+
+
 def test_second_run_builds_nothing_and_tampering_is_rebuilt(artifacts_dir, fresh_home, offline, capsys):
     out = store.ensure("lpips_alex", from_dir=artifacts_dir, quiet=True)
     first = out.read_bytes()

@@ -6,13 +6,13 @@ about 9 s of Python per photo shape on a 2-core machine, on every CLI run. This 
 stores the compiled attack itself (``jax.experimental.serialize_executable``) under a key
 made of everything the program depends on, and loads it without tracing.
 
-The key (:func:`key`) covers: this package's source files, the versions of jax and jaxlib,
-the backend (platform, its version, device kinds, device and process counts), the host CPU's
-instruction-set flags (an executable compiled for one CPU may not run on another), ``XLA_FLAGS``
-and the JAX settings that change programs, plus what the caller adds (the attack's settings
-and the shapes, dtypes and shardings of its arguments). Anything else invalidates nothing,
-so stale entries are never loaded: they only take space (deleting the directory is always
-safe; the next run compiles again).
+The key (:func:`key`) covers: this package's version and source files, the versions of jax
+and jaxlib, the backend (platform, its version, device kinds, device and process counts), the
+host CPU's instruction-set flags (an executable compiled for one CPU may not run on another),
+``XLA_FLAGS`` and the JAX settings that change programs, plus what the caller adds (the
+attack's settings and the shapes, dtypes and shardings of its arguments). A change to any of
+these gives a new key, so stale entries are never loaded: they only take space (deleting the
+directory is always safe; the next run compiles again).
 
 An executable that JAX itself read back from its persistent cache cannot be serialised again
 (running the reloaded copy fails with "Function ... not found" on CPU, jax 0.10), so
@@ -70,12 +70,14 @@ def _cpu_flags() -> str:
 def _environment() -> str:
     import jaxlib
 
+    from lowkey_jax._version import __version__
+
     backend = jax.devices()[0].client
     return repr((
         FORMAT, jax.__version__, jaxlib.__version__, backend.platform, backend.platform_version,
         tuple(sorted({d.device_kind for d in jax.devices()})), jax.device_count(), jax.process_count(),
         _cpu_flags(), os.environ.get("XLA_FLAGS", ""), bool(jax.config.jax_enable_x64),
-        str(jax.config.jax_default_prng_impl), _source_digest(),
+        str(jax.config.jax_default_prng_impl), __version__, _source_digest(),
     ))
 
 

@@ -1,0 +1,70 @@
+"""The store of compiled executables (lowkey_jax.executables): round trip, keys, damaged
+files, JAX's entries. The attack's use of it across processes is in test_speed.py."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lowkey_jax import executables as X
+
+
+def _compiled(args):
+    """Compiled in this process: a salt unique to the call keeps JAX's persistent cache (if
+    an earlier test enabled it) from serving a copy, which could not be stored again."""
+    salt = float(np.random.default_rng().integers(1, 2**30))
+    with X.CompileWatch() as watch:
+        exe = jax.jit(lambda a, b: (jnp.sin(a) @ b + salt, jnp.sum(b))).lower(*args).compile()
+    assert watch.hits == 0
+    return exe
+
+
+def test_stored_executable_runs_like_the_original(tmp_path):
+    args = (np.arange(12, dtype=np.float32).reshape(3, 4), np.ones((4, 2), np.float32))
+    exe = _compiled(args)
+    path = tmp_path / "sub" / "entry.bin"
+    assert X.store(path, exe) and path.stat().st_size > 0
+    assert not [p for p in path.parent.iterdir() if p.suffix == ".tmp"]  # atomic: no leftovers
+    loaded = X.load(path, args)
+    assert loaded is not None
+    for got, want in zip(loaded(*args), exe(*args)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_unusable_entries_are_removed_not_fatal(tmp_path):
+    args = (np.zeros((3, 4), np.float32), np.zeros((4, 2), np.float32))
+    missing = tmp_path / "missing.bin"
+    assert X.load(missing, args) is None
+    damaged = tmp_path / "damaged.bin"
+    damaged.write_bytes(b"\x80\x04not a pickle of an executable")
+    assert X.load(damaged, args) is None and not damaged.exists()
+    other = tmp_path / "other.bin"  # stored for arguments of another structure
+    X.store(other, _compiled(args))
+    assert X.load(other, (args[0],)) is None and not other.exists()
+
+
+def test_key_depends_on_every_part_and_on_shapes():
+    a = (np.zeros((2, 3), np.float32),)
+    b = (np.zeros((2, 4), np.float32),)
+    assert X.key("cfg", X.signature(a)) == X.key("cfg", X.signature(a))
+    assert X.key("cfg", X.signature(a)) != X.key("cfg", X.signature(b))
+    assert X.key("cfg", X.signature(a)) != X.key("cfg2", X.signature(a))
+    assert len(X.key("x")) == 40 and all(c in "0123456789abcdef" for c in X.key("x"))
+
+
+def test_drop_jax_entries_removes_only_that_function(tmp_path):
+    for name in ("jit__attack_batch-abc-cache", "jit__attack_batch-def-cache", "jit_stage-abc-cache", "other"):
+        (tmp_path / name).write_bytes(b"x")
+    assert X.drop_jax_entries(tmp_path, "_attack_batch") == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["jit_stage-abc-cache", "other"]
+
+
+def test_compile_watch_counts_persistent_cache_hits():
+    with X.CompileWatch() as outer:
+        X.CompileWatch._listen("/jax/compilation_cache/cache_hits")
+        with X.CompileWatch() as inner:
+            X.CompileWatch._listen("/jax/compilation_cache/cache_hits")
+            X.CompileWatch._listen("/jax/compilation_cache/cache_misses")
+    X.CompileWatch._listen("/jax/compilation_cache/cache_hits")  # after both ended: counted by none
+    assert (outer.hits, inner.hits) == (2, 1)

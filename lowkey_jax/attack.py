@@ -482,6 +482,7 @@ class Attack:
         self.params = jax.device_put(params, self._replicated)
         self._fns: dict[tuple, Callable] = {}
         self._executables: dict[tuple, Callable] = {}
+        self._loaded: dict[tuple, Path] = {}  # executables read from the store, by signature
         self._lpips_fn: Callable | None = None
         self.compiled_shapes: set[tuple] = set()
 
@@ -517,7 +518,9 @@ class Attack:
         config = dataclasses.replace(self.config, seed=0, restarts=1, batch_size=1)
         path = Path(cache_dir) / EXECUTABLES_DIR / f"{executables.key(config, sig)}.bin"
         exe = executables.load(path, args)
-        if exe is None:
+        if exe is not None:
+            self._loaded[sig] = path
+        else:
             with executables.CompileWatch() as watch:
                 exe = fn.lower(*args).compile()
             if not watch.hits:  # compiled here (one read back from JAX's cache cannot be stored)
@@ -578,8 +581,20 @@ class Attack:
             fn = self._compiled(ss, progress=True)
         else:
             fn = self._executable(ss, args)
-        delta, distance, lp = fn(*args)
-        return (self._local(delta)[:n], self._local(distance)[:n], self._local(lp)[:n])
+        try:
+            delta, distance, lp = fn(*args)
+            return (self._local(delta)[:n], self._local(distance)[:n], self._local(lp)[:n])
+        except jax.errors.JaxRuntimeError:
+            sig = (ss, executables.signature(args))
+            if sig not in self._loaded:
+                raise
+            # A stored executable that loads but does not run (it should not happen: only
+            # executables compiled in-process are stored): drop it and compile afresh.
+            self._loaded.pop(sig).unlink(missing_ok=True)
+            self._executables.pop(sig, None)
+            fn = self._compiled(ss)
+            delta, distance, lp = fn(self.params, *self._put((clean, pmask, geometry, keys)))
+            return (self._local(delta)[:n], self._local(distance)[:n], self._local(lp)[:n])
 
 
 def _jitter(geom: Geometry, key: jax.Array, amount: float, models: dict[str, Model]) -> Geometry:

@@ -163,6 +163,36 @@ def test_second_process_reuses_the_compiled_attack(tmp_path, shared):
     assert fourth["sha"] == first["sha"]
 
 
+def test_a_stored_executable_that_fails_to_run_is_replaced(monkeypatch):
+    """Should a stored attack load but fail when run, the batch is still attacked (compiled
+    afresh, same result) and the entry is deleted."""
+    import jax
+
+    A.enable_compilation_cache()
+    if not jax.config.jax_compilation_cache_dir:
+        pytest.skip("compilation cache turned off in this environment")
+    cfg = A.Config(**TINY)
+    p = _prepared(0, 64, 64, 1, face_px=40.0)
+    want = A.Attack(cfg).run_batch([p], 0)
+    seen = []
+
+    class Broken:
+        def __call__(self, *args):
+            raise jax.errors.JaxRuntimeError("INTERNAL: simulated stale executable")
+
+    def fake_load(path, args):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"stale")
+        seen.append(path)
+        return Broken()
+
+    monkeypatch.setattr(A.executables, "load", fake_load)
+    got = A.Attack(cfg).run_batch([p], 0)
+    assert len(seen) == 1 and not seen[0].exists()
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
 def test_crowd_in_passes_perturbs_every_face(monkeypatch, shared):
     """A crowd attacked two faces per pass: every face's region gets its own perturbation,
     later passes keep what earlier ones did, and the result matches the photo's size."""

@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw
 from lowkey_jax.attack import Config, cloak
 from lowkey_jax.evaluate import (PLATFORM, clean_set, load_dataset, measure_protection, measure_quality, scatter_plot,
                                  split_gallery)
-from lowkey_jax.presets import budgeted
+from lowkey_jax.presets import NOT_COMPARED, budgeted
 from lowkey_jax.quality import face_crop, face_region
 from lowkey_jax.recognizers import RECOGNIZERS
 from lowkey_jax.store import home
@@ -180,9 +180,7 @@ def _row(name: str, r: dict) -> dict:
     mr = lambda t, ms: float(np.mean([r["protection"][t][m]["match_rate_shipped"] for m in ms])) if ms else float("nan")
     worst = lambda t, ms: float(np.max([r["protection"][t][m]["match_rate_shipped"] for m in ms])) if ms else float("nan")
     return {
-        "setting": name, "config": {k: v for k, v in r["meta"]["config"].items() if k in (
-            "steps", "step_size", "alpha", "epsilon", "chroma", "texture", "momentum", "smooth_grad", "jitter", "models",
-            "smooth_chips")},
+        "setting": name, "config": {k: v for k, v in r["meta"]["config"].items() if k not in NOT_COMPARED},
         "unseen": unseen, "white_box": own,
         "unseen_match": mr("none", unseen), "unseen_match_platform": mr(PLATFORM, unseen),
         "unseen_worst_platform": worst(PLATFORM, unseen),

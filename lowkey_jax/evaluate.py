@@ -353,10 +353,15 @@ def scatter_plot(points: list[dict], path: Path, *, x: str, y: str, xlabel: str,
     if xline is not None and xline[0] < xmax:
         d.line([(px(xline[0]), 20), (px(xline[0]), h - pad)], fill=(200, 200, 200))
         d.text((px(xline[0]) + 3, 25), xline[1], fill=(120, 120, 120))
-    placed: list[tuple[float, float, float, float]] = []  # label boxes drawn so far
-    for p in sorted(points, key=lambda q: -q[y]):
-        cx, cy = px(p[x]), h - pad - (h - pad - 20) * p[y]
+    py = lambda v: h - pad - (h - pad - 20) * v
+    # boxes a label must not cover: every point's dot, then the labels drawn so far
+    placed: list[tuple[float, float, float, float]] = [(px(p[x]) - 6, py(p[y]) - 6, px(p[x]) + 6, py(p[y]) + 6)
+                                                       for p in points]
+    for p in points:
+        cx, cy = px(p[x]), py(p[y])
         d.ellipse([cx - 5, cy - 5, cx + 5, cy + 5], fill=(31, 119, 180))
+    for p in sorted(points, key=lambda q: -q[y]):
+        cx, cy = px(p[x]), py(p[y])
         x0, x1 = d.textbbox((cx + 7, 0), p["label"])[0::2]
         ty = cy - 7
         while any(x0 < b[2] and b[0] < x1 and ty < b[3] and b[1] < ty + 12 for b in placed):

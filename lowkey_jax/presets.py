@@ -40,17 +40,31 @@ DEFAULT_LEVEL = "mid"
 MAX_UNSEEN_MATCH = 0.10  # the default's protection requirement (issue #10)
 
 
+# Config fields that do not change what the attack computes (for :func:`matches`).
+NOT_COMPARED = ("seed", "batch_size", "precision")
+
+
 def matches(preset: dict, config: dict) -> bool:
-    """Whether a Config given as a dict (e.g. a sweep row's) has every setting of ``preset``.
-    A flag missing from ``config`` counts as off."""
+    """Whether a Config given as a dict (e.g. a sweep row's) is the setting of ``preset``:
+    every setting of ``preset``, and every other Config field at its default (so a row with
+    an extra option switched on is not taken for the preset). A field missing from
+    ``config`` counts as its default (rows written before the field existed)."""
+    import dataclasses
+
+    from lowkey_jax.attack import Config
+
     def same(v, c) -> bool:
+        if isinstance(v, (list, tuple)) or isinstance(c, (list, tuple)):
+            return tuple(v or ()) == tuple(c or ())
         if isinstance(v, bool) or isinstance(c, bool):
             return bool(v) == bool(c)
         if v is None or c is None:
             return v is None and c is None
         return abs(float(v) - float(c)) <= 1e-9
 
-    return all(same(v, config.get(k)) for k, v in preset.items())
+    defaults = {f.name: f.default for f in dataclasses.fields(Config) if f.name not in NOT_COMPARED}
+    want = {**defaults, **preset}
+    return all(same(v, config.get(k, defaults.get(k))) for k, v in want.items())
 
 
 def default_by_rule(rows: list[dict]) -> dict | None:

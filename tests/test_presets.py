@@ -45,3 +45,12 @@ def test_matches_reads_flags_missing_from_old_rows_as_off():
     assert not matches({"smooth_chips": True}, {})
     assert matches({"epsilon": 12 / 255, "chroma": 0.25}, {"epsilon": 0.047058823529411764, "chroma": 0.25, "x": 1})
     assert not matches({"epsilon": None}, {"epsilon": 0.03})
+
+
+def test_a_row_with_an_extra_option_on_is_not_the_preset(rows):
+    low = next(r for r in rows if r["setting"] == "eps8-shaped-mom-jit")
+    assert matches(LEVELS["low"], low["config"]) and low["preset"] == "low"
+    balanced = {**low["config"], "balance": True}
+    assert not matches(LEVELS["low"], balanced)
+    assert not matches(LEVELS["low"], {**low["config"], "jitter": 0.10})
+    assert matches(LEVELS["low"], {**low["config"], "models": list(low["config"]["models"]), "seed": 7})

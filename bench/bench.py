@@ -362,6 +362,8 @@ def bench_quickstart() -> dict:
     and warm (second run), with the matmul peak measured before and after."""
     import tempfile
 
+    from lowkey_jax.attack import EXECUTABLES_DIR
+
     peak0 = matmul_peak()
     with tempfile.TemporaryDirectory() as tmp:
         home = _temp_home(Path(tmp))
@@ -370,7 +372,7 @@ def bench_quickstart() -> dict:
         warm = _cli(args, home)
         cache = home / "xla-cache"
         files = [p for p in cache.rglob("*") if p.is_file()] if cache.is_dir() else []
-        stored = [p for p in files if p.parent.name == "attack"]  # whole attack executables
+        stored = [p for p in files if p.parent.name == EXECUTABLES_DIR]  # whole attack executables
         cache_mib = sum(p.stat().st_size for p in files) / 2**20
         stored_mib = sum(p.stat().st_size for p in stored) / 2**20
     peak = (peak0 + matmul_peak()) / 2

@@ -69,7 +69,6 @@ dlib's face rectangle from an MTCNN face
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Sequence
 
@@ -404,12 +403,22 @@ def dlib_chip(pixels: jax.Array, geometry: DlibChipGeometry, *, quantize: bool =
     Differentiable in ``pixels``; the geometry is static.
     """
     l, t, r, b = geometry.bbox
-    img = jnp.asarray(pixels, jnp.float32)[t : b + 1, l : r + 1]
-    for _ in range(geometry.level + 1):
-        img = pyramid_down(img, quantize=quantize)
-    # level_matrix maps into the sub-image (level -1) or its pyramid level
-    chip = warp_affine(img, geometry.level_matrix, (geometry.size, geometry.size), edge="dlib")
+    sub = jnp.asarray(pixels, jnp.float32)[t : b + 1, l : r + 1]
+    return _dlib_sample(sub, geometry.level_matrix, geometry.level + 1, geometry.size, quantize=quantize)
+
+
+def _dlib_sample(sub: jax.Array, matrix, levels: int, size: int, *, quantize: bool = False) -> jax.Array:
+    """``levels`` applications of ``pyramid_down`` to the sub-image, then dlib's bilinear
+    chip (``matrix`` maps chip pixels into the last level; the sub-image itself for 0)."""
+    for _ in range(levels):
+        sub = pyramid_down(sub, quantize=quantize)
+    chip = warp_affine(sub, matrix, (size, size), edge="dlib")
     return _st_floor(chip, 255.0) if quantize else chip
+
+
+def _facenet_resize(crop: jax.Array) -> jax.Array:
+    """FaceNet's crop resized to its chip (PIL-style antialiased bilinear)."""
+    return jax.image.resize(crop, (*CHIP_SIZE["facenet"], crop.shape[2]), "linear", antialias=True)
 
 
 # --------------------------------------------------------------------------- public API
@@ -458,8 +467,7 @@ def align(pixels: jax.Array, face: Face, name: str, image=None) -> jax.Array:
         return warp_affine(pixels, sface_transform(face.landmarks), CHIP_SIZE["sface"])
     if name == "facenet":
         x0, y0, x1, y1 = facenet_crop_box(face, hw)
-        crop = pixels[y0:y1, x0:x1]
-        return jax.image.resize(crop, (*CHIP_SIZE["facenet"], crop.shape[2]), "linear", antialias=True)
+        return _facenet_resize(pixels[y0:y1, x0:x1])
     if name == "dlib":
         if image is None:
             try:
@@ -477,21 +485,9 @@ def align(pixels: jax.Array, face: Face, name: str, image=None) -> jax.Array:
 # one jitted kernel per recogniser and shape.
 
 
-@functools.partial(jax.jit, static_argnames=("size",))
-def _sface_kernel(pixels: jax.Array, matrix: jax.Array, size: tuple[int, int]) -> jax.Array:
-    return warp_affine(pixels, matrix, size)
-
-
-@functools.partial(jax.jit, static_argnames=("size",))
-def _facenet_kernel(crop: jax.Array, size: tuple[int, int]) -> jax.Array:
-    return jax.image.resize(crop, (*size, crop.shape[2]), "linear", antialias=True)
-
-
-@functools.partial(jax.jit, static_argnames=("levels", "size"))
-def _dlib_kernel(sub: jax.Array, matrix: jax.Array, levels: int, size: int) -> jax.Array:
-    for _ in range(levels):
-        sub = pyramid_down(sub)
-    return warp_affine(sub, matrix, (size, size), edge="dlib")
+_sface_kernel = jax.jit(warp_affine, static_argnames=("out_size", "edge"))
+_facenet_kernel = jax.jit(_facenet_resize)
+_dlib_kernel = jax.jit(_dlib_sample, static_argnames=("levels", "size", "quantize"))
 
 
 def align_photo(image: np.ndarray, face: Face, name: str) -> np.ndarray:
@@ -513,10 +509,10 @@ def align_photo(image: np.ndarray, face: Face, name: str) -> np.ndarray:
         return np.asarray(_sface_kernel(pixels, m, CHIP_SIZE["sface"]))
     if geometry == "facenet":
         x0, y0, x1, y1 = facenet_crop_box(face, hw)
-        return np.asarray(_facenet_kernel(np.ascontiguousarray(pixels[y0:y1, x0:x1]), CHIP_SIZE["facenet"]))
+        return np.asarray(_facenet_kernel(np.ascontiguousarray(pixels[y0:y1, x0:x1])))
     if geometry == "dlib":
         g = dlib_chip_geometry(dlib_landmarks(image, face), hw)
         l, t, r, b = g.bbox
         sub = np.ascontiguousarray(pixels[t : b + 1, l : r + 1])
-        return np.asarray(_dlib_kernel(sub, np.asarray(g.level_matrix, np.float32), g.level + 1, g.size))
+        return np.asarray(_dlib_kernel(sub, np.asarray(g.level_matrix, np.float32), levels=g.level + 1, size=g.size))
     raise ValueError(f"unknown recogniser {name!r}; choose from {', '.join(CHIP_SIZE)}")

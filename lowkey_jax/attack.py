@@ -581,9 +581,9 @@ class Attack:
             fn = self._compiled(ss, progress=True)
         else:
             fn = self._executable(ss, args)
+        rows = lambda out: tuple(self._local(x)[:n] for x in out)  # (delta, distance, lpips)
         try:
-            delta, distance, lp = fn(*args)
-            return (self._local(delta)[:n], self._local(distance)[:n], self._local(lp)[:n])
+            return rows(fn(*args))
         except jax.errors.JaxRuntimeError:
             sig = (ss, executables.signature(args))
             if sig not in self._loaded:
@@ -592,9 +592,7 @@ class Attack:
             # executables compiled in-process are stored): drop it and compile afresh.
             self._loaded.pop(sig).unlink(missing_ok=True)
             self._executables.pop(sig, None)
-            fn = self._compiled(ss)
-            delta, distance, lp = fn(self.params, *self._put((clean, pmask, geometry, keys)))
-            return (self._local(delta)[:n], self._local(distance)[:n], self._local(lp)[:n])
+            return rows(self._compiled(ss)(self.params, *self._put((clean, pmask, geometry, keys))))
 
 
 def _jitter(geom: Geometry, key: jax.Array, amount: float, models: dict[str, Model]) -> Geometry:

@@ -22,6 +22,7 @@ All functions are host-side numpy (plus the LPIPS networks), uint8 RGB in.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cache
 
 import numpy as np
 from PIL import Image
@@ -159,7 +160,11 @@ def _delta_e_kernel(a, b):
     return _ciede2000(jnp, _linear_to_lab(jnp, table[a]), _linear_to_lab(jnp, table[b]))
 
 
-_delta_e_jit = None
+@cache
+def _delta_e_compiled():
+    import jax
+
+    return jax.jit(_delta_e_kernel)
 
 
 def delta_e(clean: np.ndarray, cloaked: np.ndarray) -> np.ndarray:
@@ -172,17 +177,12 @@ def delta_e(clean: np.ndarray, cloaked: np.ndarray) -> np.ndarray:
     pixel in 10^4, within 0.02), so means and percentiles agree to 1e-3
     (``tests/test_quality.py``).
     """
-    global _delta_e_jit
-    import jax
-
-    if _delta_e_jit is None:
-        _delta_e_jit = jax.jit(_delta_e_kernel)
     a = np.asarray(clean, np.uint8).reshape(-1, 3)
     b = np.asarray(cloaked, np.uint8).reshape(-1, 3)
     n = len(a)
     size = max(4096, 1 << max(0, n - 1).bit_length())
     pad = ((0, size - n), (0, 0))
-    out = np.asarray(_delta_e_jit(np.pad(a, pad), np.pad(b, pad)))[:n]
+    out = np.asarray(_delta_e_compiled()(np.pad(a, pad), np.pad(b, pad)))[:n]
     return out.reshape(np.shape(clean)[:-1])
 
 

@@ -68,6 +68,15 @@ SETTINGS: dict[str, dict] = {
     "eps8-shaped-mom-jit10": budgeted(8, jitter=0.10),
     "eps8-shaped-mom-jit-bal": budgeted(8, jitter=0.05, balance=True),
     "eps6-luma-mom": budgeted(6, chroma=0.0),
+    "eps8-shaped-jit": budgeted(8, jitter=0.05, momentum=0.0),
+    "eps10-shaped-jit": budgeted(10, jitter=0.05, momentum=0.0),
+    "eps9-shaped-jit": budgeted(9, jitter=0.05, momentum=0.0),
+    "eps12-shaped-jit": budgeted(12, jitter=0.05, momentum=0.0),
+    "eps8-shaped-mom-jit-100": budgeted(8, jitter=0.05, steps=100, step_size=0.4 * E),
+    "eps8-shaped-mom-jit-r2": budgeted(8, jitter=0.05, restarts=2),
+    "eps8-shaped-mom-jit-rs": budgeted(8, jitter=0.05, rescale=0.5),
+    "eps8-shaped-mom-jit-mid": budgeted(8, jitter=0.05, mid_weight=1.0),
+    "eps10-shaped-jit-lp224": budgeted(10, jitter=0.05, momentum=0.0, lpips_face_side=224),
 }
 
 

@@ -44,8 +44,8 @@ from lowkey_jax import align as _align
 from lowkey_jax import executables
 from lowkey_jax.detect import DETECT_SIDE, detect_faces
 from lowkey_jax.face import Face, face_slots
-from lowkey_jax.objective import (YCBCR_TO_RGB, Geometry, Model, budget_map, clean_features, gaussian_smooth, objective,
-                                  to_rgb)
+from lowkey_jax.objective import (YCBCR_TO_RGB, Geometry, Model, budget_map, clean_features, clean_mid_features,
+                                  gaussian_smooth, objective, to_rgb)
 from lowkey_jax.perceptual import load_lpips
 from lowkey_jax.pipeline import psnr, verdicts_many
 from lowkey_jax.quality import face_quality
@@ -82,6 +82,9 @@ class Config:
       batch_size: photos per compiled call.
       lpips_max_side: the whole-photo LPIPS term is computed on the photo downscaled to at
         most this many pixels (see ``objective.lpips_term``).
+      lpips_face_side: side (pixels) of the aligned face crops of the LPIPS term's face half
+        (112 as the reference; 224 sees a face of typical photo size closer to its native
+        resolution, at about 4x that half's cost).
       jitter: expectation over alignment: each step sees every chip shifted by up to this
         fraction of its size and scaled by up to ``1 +- jitter`` (0: off, as the reference).
         A scraper re-detects faces in the cloaked photo, and its boxes move by a few percent.
@@ -110,6 +113,14 @@ class Config:
         (SFace's ``cv2.warpAffine``). Plain sampling of a face several times larger than the
         chip reads one photo pixel in every few, and the attack then prints a visible
         lattice of dots on those pixels, which halving or JPEG wipe out anyway.
+      rescale: resolution diversity (the resize half of input diversity, Xie et al. 2019;
+        the shift half is ``jitter``): each step the recognisers see the photo shrunk by a
+        fresh random factor in ``[1 - rescale, 1]`` (``objective.downscaled_view``), as a
+        platform's resize or a scraper's thumbnail would show it (0: off, as the reference).
+      mid_weight: weight of a feature-level term: the relative change of each recogniser's
+        intermediate activation map half-way through the network
+        (``objective.objective(mid_weight=...)``; 0: off, as the reference). Attacks on
+        intermediate layers are known to transfer better to unseen networks.
       balance: weight each recogniser's feature distance by its dimension, so every model of
         the ensemble counts alike (``objective.objective(balance=...)``; off: the reference's
         mean over dims, which under-weights FaceNet's 512-D features 4x).
@@ -128,6 +139,7 @@ class Config:
     max_side: int = 1024
     batch_size: int = 4
     lpips_max_side: int = 512
+    lpips_face_side: int = 112
     jitter: float = 0.0
     epsilon: float | None = None
     chroma: float | None = None
@@ -137,6 +149,8 @@ class Config:
     precision: str = "highest"
     smooth_chips: bool = False
     balance: bool = False
+    rescale: float = 0.0
+    mid_weight: float = 0.0
 
     @classmethod
     def preset(cls, level: str = "mid", **overrides) -> "Config":
@@ -171,6 +185,12 @@ class Config:
             raise ValueError("texture must be in [0, 1]")
         if self.texture > 0 and self.epsilon is None:
             raise ValueError("texture shapes the budget: set epsilon as well")
+        if not 32 <= self.lpips_face_side <= 512:
+            raise ValueError("lpips_face_side must be in [32, 512] pixels")
+        if not 0.0 <= self.rescale <= 0.75:
+            raise ValueError("rescale must be in [0, 0.75]")
+        if not 0.0 <= self.mid_weight <= 100.0:
+            raise ValueError("mid_weight must be in [0, 100]")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError("momentum must be in [0, 1)")
         if not 0.0 <= self.smooth_grad <= 10.0:
@@ -651,23 +671,29 @@ def _attack_batch(params, clean, pmask, geometry, keys, *, config: Config, graph
     """[B, H, W, 3] clean photos -> (perturbation, final distance, final LPIPS), vmapped.
     ``progress`` (static): call the host progress hook after every step."""
     models = {
-        name: Model(embed=nnx.merge(graphdefs[name], params[name]), chip_size=chips[name][0], supersample=chips[name][1])
+        name: Model(embed=(net := nnx.merge(graphdefs[name], params[name])), chip_size=chips[name][0],
+                    supersample=chips[name][1], embed_mid=partial(net, mid=True))
         for name in config.models
     }
     lpips = nnx.merge(graphdefs["lpips"], params["lpips"])
     optimiser = _optimiser(config)
     kwargs = dict(alpha=config.alpha, blur=config.blur, blur_sigma=config.blur_sigma,
-                  blur_kernel=config.blur_kernel, lpips_max_side=config.lpips_max_side, balance=config.balance)
+                  blur_kernel=config.blur_kernel, lpips_max_side=config.lpips_max_side, balance=config.balance,
+                  mid_weight=config.mid_weight, lpips_face_side=config.lpips_face_side)
 
     def one(x, mask, geom, key):
         targets = jax.tree.map(jax.lax.stop_gradient, clean_features(models, x, geom))
+        mids = None
+        if config.mid_weight > 0:
+            mids = jax.tree.map(jax.lax.stop_gradient, clean_mid_features(models, x, geom))
         # z: the optimisation variables (RGB, or YCbCr offsets when config.chroma is set).
         bound = None
         if config.epsilon is not None:
             bound = budget_map(x, config.epsilon, config.texture, config.chroma) * mask
 
-        def negative(z, g=geom):
-            loss, aux = objective(x + to_rgb(z, config.chroma), x, g, models, targets, lpips, **kwargs)
+        def negative(z, g=geom, view_scale=None):
+            loss, aux = objective(x + to_rgb(z, config.chroma), x, g, models, targets, lpips, view_scale=view_scale,
+                                  mid_targets=mids, **kwargs)
             return -loss, aux
 
         z = jax.random.uniform(key, x.shape, jnp.float32, -config.init_range, config.init_range) * mask
@@ -680,7 +706,11 @@ def _attack_batch(params, clean, pmask, geometry, keys, *, config: Config, graph
             g = geom
             if config.jitter > 0:  # a fresh small misalignment each step (see Config.jitter)
                 g = _jitter(geom, jax.random.fold_in(jax.random.fold_in(key, 1), i), config.jitter, models)
-            grad, _ = jax.grad(negative, has_aux=True)(z, g)
+            view_scale = None
+            if config.rescale > 0:  # a fresh smaller view each step (see Config.rescale)
+                u = jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, 2), i), (), jnp.float32)
+                view_scale = 1.0 - config.rescale * u
+            grad, _ = jax.grad(negative, has_aux=True)(z, g, view_scale)
             if config.smooth_grad > 0:  # translation-invariant gradient (see Config.smooth_grad)
                 grad = gaussian_smooth(grad, config.smooth_grad, _odd_kernel(config.smooth_grad))
             updates, state = optimiser.update(grad * mask, state, z)
@@ -693,7 +723,7 @@ def _attack_batch(params, clean, pmask, geometry, keys, *, config: Config, graph
 
         z, _ = jax.lax.fori_loop(0, config.steps, step, (z, state))
         adv = jnp.clip(x + to_rgb(z, config.chroma), 0.0, 1.0)
-        _, aux = objective(adv, x, geom, models, targets, lpips, **kwargs)
+        _, aux = objective(adv, x, geom, models, targets, lpips, mid_targets=mids, **kwargs)
         whole_photo_lpips = lpips(adv[None], x[None])[0] * geom.lpips_scale
         return adv - x, aux["distance"], whole_photo_lpips
 

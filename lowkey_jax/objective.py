@@ -62,6 +62,9 @@ __all__ = [
     "to_rgb",
     "budget_map",
     "local_contrast",
+    "downscaled_view",
+    "clean_mid_features",
+    "mid_distance",
 ]
 
 Embed = Callable[[jax.Array], jax.Array]  # [N, h, w, 3] in [0, 1] -> [N, D]
@@ -79,11 +82,14 @@ class Model(NamedTuple):
         chip and the model's own pipeline antialiases (FaceNet's resize, dlib's pyramid):
         plain bilinear sampling would then see only a sparse subset of the photo's pixels,
         and a perturbation tuned to that subset is averaged away by the real pipeline.
+      embed_mid: like ``embed``, also returning an intermediate activation map ``[N, ...]``
+        (the model's ``mid=True``), for the feature-level term of :func:`objective`.
     """
 
     embed: Embed
     chip_size: tuple[int, int]
     supersample: int = 1
+    embed_mid: Callable[[jax.Array], tuple[jax.Array, jax.Array]] | None = None
 
 
 class Geometry(NamedTuple):
@@ -129,15 +135,20 @@ def gaussian_smooth(image: jax.Array, sigma: float = 3.0, kernel_size: int = 7) 
     return depthwise_conv(out, taps[:, None, None, :], 1, valid)[0]  # vertical
 
 
+def _denser(transforms: jax.Array, s: float) -> jax.Array:
+    """Chip transforms ``[F, 2, 3]`` re-expressed for a grid ``s`` times denser over the same
+    chip area (sample ``u`` sits at chip coordinate ``(u + 0.5) / s - 0.5``)."""
+    o = (1.0 / s - 1.0) / 2.0
+    return transforms @ jnp.asarray([[1.0 / s, 0.0, o], [0.0, 1.0 / s, o], [0.0, 0.0, 1.0]], jnp.float32)
+
+
 def _chips(image: jax.Array, transforms: jax.Array, size: tuple[int, int], supersample: int = 1) -> jax.Array:
     """``[F, h, w, C]`` chips; with ``supersample = s > 1``, box-filtered from an ``s``-times
     denser bilinear grid (sample ``u`` sits at chip coordinate ``(u + 0.5) / s - 0.5``)."""
     s = int(supersample)
     if s == 1:
         return jax.vmap(lambda m: warp_affine(image, m, size))(transforms)
-    o = (1.0 / s - 1.0) / 2.0
-    fine = jnp.asarray([[1.0 / s, 0.0, o], [0.0, 1.0 / s, o], [0.0, 0.0, 1.0]], jnp.float32)
-    dense = jax.vmap(lambda m: warp_affine(image, m @ fine, (size[0] * s, size[1] * s)))(transforms)
+    dense = jax.vmap(lambda m: warp_affine(image, m, (size[0] * s, size[1] * s)))(_denser(transforms, s))
     f, _, _, c = dense.shape
     return jnp.mean(dense.reshape(f, size[0], s, size[1], s, c), axis=(2, 4))
 
@@ -152,16 +163,39 @@ def lowkey_features(model: Model, image: jax.Array, transforms: jax.Array) -> ja
     return _features_of_chips(model, _chips(image, transforms, model.chip_size, model.supersample))
 
 
-def _features_of_chips(model: Model, chips: jax.Array) -> jax.Array:
-    """``[B, h, w, 3]`` chips -> ``[B, D]`` LowKey features (chips and flips in one call)."""
+def _features_of_chips(model: Model, chips: jax.Array, mid: bool = False):
+    """``[B, h, w, 3]`` chips -> ``[B, D]`` LowKey features (chips and flips in one call);
+    with ``mid``, also the intermediate maps ``[2, B, ...]`` of the chips and of their flips."""
     b = chips.shape[0]
-    emb = model.embed(jnp.concatenate([chips, chips[:, :, ::-1, :]], axis=0))
-    return _l2_normalise(emb[:b] + emb[b:])
+    both = jnp.concatenate([chips, chips[:, :, ::-1, :]], axis=0)
+    if not mid:
+        emb = model.embed(both)
+        return _l2_normalise(emb[:b] + emb[b:])
+    if model.embed_mid is None:
+        raise ValueError("this model has no intermediate map (Model.embed_mid)")
+    emb, inner = model.embed_mid(both)
+    return _l2_normalise(emb[:b] + emb[b:]), inner.reshape(2, b, *inner.shape[1:])
 
 
 def clean_features(models: Mapping[str, Model], image: jax.Array, geometry: Geometry) -> dict[str, jax.Array]:
     """The targets ``f_m(A_mk(x))`` of the clean photo, computed once before the attack."""
     return {name: lowkey_features(m, image, geometry.transforms[name]) for name, m in models.items()}
+
+
+def clean_mid_features(models: Mapping[str, Model], image: jax.Array, geometry: Geometry) -> dict[str, jax.Array]:
+    """The clean photo's intermediate maps ``{name: [2, F, ...]}`` (chips, flips) for the
+    feature-level term, computed once before the attack."""
+    return {name: _features_of_chips(m, _chips(image, geometry.transforms[name], m.chip_size, m.supersample), mid=True)[1]
+            for name, m in models.items()}
+
+
+def mid_distance(adv: jax.Array, clean: jax.Array, mask: jax.Array) -> jax.Array:
+    """Relative change of an intermediate map, ``||adv - clean||^2 / ||clean||^2`` per chip,
+    averaged over chip and flip and over real faces; ``[2, F, ...]`` x2, ``[F]`` -> scalar."""
+    axes = tuple(range(2, adv.ndim))
+    rel = jnp.sum((adv - clean) ** 2, axis=axes) / jnp.maximum(jnp.sum(clean * clean, axis=axes), jnp.float32(1e-12))
+    per_face = jnp.mean(rel, axis=0)
+    return jnp.sum(per_face * mask) / jnp.maximum(jnp.sum(mask), jnp.float32(1.0))
 
 
 def feature_distance(adv: jax.Array, clean: jax.Array, mask: jax.Array) -> jax.Array:
@@ -180,16 +214,40 @@ def _shrink(image: jax.Array, max_side: int) -> jax.Array:
     return jax.image.resize(image, shape, "linear", antialias=True)
 
 
-def lpips_term(lpips: LPIPSFn, adv: jax.Array, clean: jax.Array, geometry: Geometry, *, max_side: int = 512) -> jax.Array:
+def downscaled_view(image: jax.Array, transforms: Mapping[str, jax.Array], factor: jax.Array
+                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The photo as a smaller copy of it reaches a recogniser (a platform's resize, a
+    scraper's thumbnail): ``image`` ``[H, W, C]`` shrunk by ``factor`` in (0, 1] (linear,
+    antialiased: ``jax.image.scale_and_translate``) onto a canvas of the same static shape
+    (top-left; the rest is 0), and the chip transforms ``{name: [F, 2, 3]}`` mapped onto it.
+    ``factor`` may be traced (a fresh random size each step, see ``Config.rescale``)."""
+    h, w, c = image.shape
+    f = jnp.asarray(factor, jnp.float32)
+    small = jax.image.scale_and_translate(image, (h, w, c), (0, 1), jnp.stack([f, f]), jnp.zeros((2,), jnp.float32),
+                                          "linear", antialias=True)
+    # Pixel centres: index i of the photo sits at (i + 0.5) * f - 0.5 of the small copy.
+    zero = jnp.zeros((), jnp.float32)
+    shift = jnp.stack([jnp.stack([zero, zero, 0.5 * f - 0.5])] * 2)  # [2, 3]
+    moved = {name: t * f + shift[None] for name, t in transforms.items()}
+    return small, moved
+
+
+def lpips_term(lpips: LPIPSFn, adv: jax.Array, clean: jax.Array, geometry: Geometry, *, max_side: int = 512,
+               face_side: int = LPIPS_CROP[0]) -> jax.Array:
     """Half LPIPS on the whole photo, half the mean LPIPS over the aligned face crops.
 
     The whole-photo half is computed on the photo downscaled (antialiased) to at most
     ``max_side`` pixels: LPIPS is a perceptual measure of the photo as seen, and at full
     working resolution its AlexNet pass would cost more than the whole recogniser ensemble.
+    The face crops cover the ArcFace template's area at ``face_side`` x ``face_side`` pixels
+    (112 as the reference; larger sees the face closer to its native resolution).
     """
     whole = lpips(_shrink(adv, max_side)[None], _shrink(clean, max_side)[None])[0] * geometry.lpips_scale
-    crops_adv = _chips(adv, geometry.lpips_transforms, LPIPS_CROP)
-    crops_clean = _chips(clean, geometry.lpips_transforms, LPIPS_CROP)
+    t = geometry.lpips_transforms
+    if face_side != LPIPS_CROP[0]:
+        t = _denser(t, face_side / LPIPS_CROP[0])
+    crops_adv = _chips(adv, t, (face_side, face_side))
+    crops_clean = _chips(clean, t, (face_side, face_side))
     faces = lpips(crops_adv, crops_clean)
     mask = geometry.mask
     faces = jnp.sum(faces * mask) / jnp.maximum(jnp.sum(mask), jnp.float32(1.0))
@@ -209,7 +267,11 @@ def objective(
     blur_sigma: float = 3.0,
     blur_kernel: int = 7,
     lpips_max_side: int = 512,
+    lpips_face_side: int = LPIPS_CROP[0],
     balance: bool = False,
+    view_scale: jax.Array | None = None,
+    mid_weight: float = 0.0,
+    mid_targets: Mapping[str, jax.Array] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The LowKey objective (to be maximised) and its parts.
 
@@ -224,24 +286,52 @@ def objective(
         unit features, so FaceNet's 512-D term counts 4x less than dlib's and SFace's 128-D
         ones for the same change of cosine; balanced, every recogniser counts alike (and the
         weights average 1, so the LPIPS weight keeps its meaning).
+      view_scale: if given (a scalar in (0, 1], may be traced), the recognisers see both
+        branches shrunk by this factor (:func:`downscaled_view`); the LPIPS penalty still
+        judges the photo at full size.
+      mid_weight: weight of a feature-level term (0: off, as the reference): for every
+        recogniser and branch, the relative change of an intermediate activation map
+        (:func:`mid_distance`; the model's ``mid=True`` layer, half-way through the network)
+        divided by the feature dimension, so that a weight of 1 counts a relative change in
+        the middle of the network like the same relative change of the (unit) features.
+        Attacks on intermediate layers are known to transfer better to other networks
+        (Huang et al. 2019, ILA; Ganeshan et al. 2019, FDA).
+      mid_targets: ``clean_mid_features(models, clean, geometry)``; needed when
+        ``mid_weight > 0``.
     Returns:
       ``(loss, {"distance": D, "lpips": P})``, scalars.
     """
+    if mid_weight > 0 and mid_targets is None:
+        raise ValueError("mid_weight > 0 needs mid_targets (clean_mid_features of the clean photo)")
     branches = [adv]
     if blur:
         branches.append(gaussian_smooth(adv, blur_sigma, blur_kernel))
+    transforms = geometry.transforms
+    if view_scale is not None:
+        views = [downscaled_view(b, geometry.transforms, view_scale) for b in branches]
+        branches, transforms = [v[0] for v in views], views[0][1]
     terms = []
     dims = {name: targets[name].shape[-1] for name in models}
     mean_dim = sum(dims.values()) / len(dims)
     for name, model in models.items():
         # Both branches' chips go through the network in one call: [branches * F] chips.
-        chips = jnp.concatenate([_chips(b, geometry.transforms[name], model.chip_size, model.supersample) for b in branches])
-        feats = _features_of_chips(model, chips).reshape(len(branches), -1, targets[name].shape[-1])
+        chips = jnp.concatenate([_chips(b, transforms[name], model.chip_size, model.supersample) for b in branches])
         weight = dims[name] / mean_dim if balance else 1.0
-        for f in feats:
-            terms.append(feature_distance(f, targets[name], geometry.mask) * jnp.float32(weight))
+        nb = len(branches)
+        if mid_weight > 0:
+            feats, inner = _features_of_chips(model, chips, mid=True)
+            inner = inner.reshape(2, nb, -1, *inner.shape[2:])  # [chip/flip, branch, F, ...]
+        else:
+            feats = _features_of_chips(model, chips)
+        feats = feats.reshape(nb, -1, targets[name].shape[-1])
+        for b, f in enumerate(feats):
+            term = feature_distance(f, targets[name], geometry.mask)
+            if mid_weight > 0:
+                rel = mid_distance(inner[:, b], mid_targets[name], geometry.mask)
+                term = term + jnp.float32(mid_weight / dims[name]) * rel
+            terms.append(term * jnp.float32(weight))
     distance = jnp.mean(jnp.stack(terms))
-    perceptual = lpips_term(lpips, adv, clean, geometry, max_side=lpips_max_side)
+    perceptual = lpips_term(lpips, adv, clean, geometry, max_side=lpips_max_side, face_side=lpips_face_side)
     return distance - alpha * perceptual, {"distance": distance, "lpips": perceptual}
 
 

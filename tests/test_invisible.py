@@ -13,7 +13,9 @@ from PIL import Image, ImageOps
 
 from lowkey_jax.attack import Attack, Config, _optimiser, cloak, prepare
 from lowkey_jax.detect import detect_faces
-from lowkey_jax.objective import YCBCR_TO_RGB, budget_map, local_contrast, to_rgb
+from lowkey_jax.objective import (YCBCR_TO_RGB, _chips, _denser, budget_map, downscaled_view, local_contrast,
+                                  mid_distance, to_rgb)
+from lowkey_jax.recognizers import RECOGNIZERS, load_recognizer
 
 EPS = 3.0 / 255.0
 SMALL = dict(steps=4, models=("sface",), max_side=256, batch_size=1)
@@ -41,10 +43,11 @@ def _unclipped(x: np.ndarray, margin: float) -> np.ndarray:
 
 def test_config_validates_the_new_settings():
     for bad in (dict(epsilon=0.0), dict(epsilon=2.0), dict(chroma=-0.1), dict(texture=0.5), dict(texture=1.5, epsilon=0.01),
-                dict(momentum=1.0), dict(smooth_grad=-1.0)):
+                dict(momentum=1.0), dict(smooth_grad=-1.0), dict(rescale=-0.1), dict(rescale=0.8), dict(mid_weight=-1.0),
+                dict(lpips_face_side=16)):
         with pytest.raises(ValueError):
             Config(**bad)
-    Config(epsilon=EPS, chroma=0.25, texture=0.75, momentum=0.9, smooth_grad=1.0)  # valid
+    Config(epsilon=EPS, chroma=0.25, texture=0.75, momentum=0.9, smooth_grad=1.0, rescale=0.5)  # valid
 
 
 def test_ycbcr_round_trip_and_luma_only_is_grey():
@@ -70,6 +73,70 @@ def test_texture_mask_gives_flat_regions_less_budget():
     np.testing.assert_allclose(b[:, 44:, 0], EPS, rtol=1e-5)
     np.testing.assert_allclose(b[..., 1], 0.25 * b[..., 0], rtol=1e-6)
     np.testing.assert_allclose(np.asarray(budget_map(img, EPS, 0.0, None)), EPS, rtol=1e-6)
+
+
+def test_downscaled_view_shows_the_same_face_smaller():
+    # A smooth photo: the chip read from the shrunk copy through the mapped transform is the
+    # chip of the photo itself; the copy is the antialiased resize; factor 1 is the identity.
+    yy, xx = np.mgrid[0:96, 0:128].astype(np.float32)
+    img = jnp.asarray(np.stack([np.sin(xx / 9.0), np.cos(yy / 7.0), np.sin((xx + yy) / 11.0)], -1) * 0.4 + 0.5)
+    t = jnp.asarray([[[0.5, 0.1, 40.0], [-0.1, 0.5, 30.0]]], jnp.float32)  # chip 64x64 inside the photo
+    same, moved = downscaled_view(img, {"m": t}, jnp.float32(1.0))
+    np.testing.assert_allclose(np.asarray(same), np.asarray(img), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(moved["m"]), np.asarray(t), atol=1e-6)
+    small, moved = downscaled_view(img, {"m": t}, jnp.float32(0.5))
+    ref = jax.image.resize(img, (48, 64, 3), "linear", antialias=True)
+    np.testing.assert_allclose(np.asarray(small[:48, :64]), np.asarray(ref), atol=1e-4)
+    assert float(jnp.max(jnp.abs(small[50:]))) == 0.0 and float(jnp.max(jnp.abs(small[:, 66:]))) == 0.0
+    chip = np.asarray(_chips(img, t, (64, 64)))
+    chip_small = np.asarray(_chips(small, moved["m"], (64, 64)))
+    assert np.abs(chip_small - chip).max() < 0.03 and np.abs(chip_small - chip).mean() < 0.005
+    # Differentiable in the factor and the photo (the attack draws a fresh factor each step).
+    g = jax.grad(lambda f, x: jnp.sum(_chips(*downscaled_view(x, {"m": t}, f)[:1], downscaled_view(x, {"m": t}, f)[1]["m"],
+                                             (64, 64))), argnums=(0, 1))(jnp.float32(0.7), img)
+    assert np.isfinite(float(g[0])) and float(jnp.sum(jnp.abs(g[1]))) > 0
+
+
+@pytest.mark.parametrize("name", sorted(RECOGNIZERS))
+def test_every_recogniser_gives_its_intermediate_map(name):
+    r = load_recognizer(name)
+    chips = jax.random.uniform(jax.random.key(0), (2, *r.input_size, 3), jnp.float32)
+    emb, inner = r.module(chips, mid=True)
+    np.testing.assert_allclose(np.asarray(emb), np.asarray(r.embed(chips)), rtol=1e-5, atol=1e-6)
+    assert inner.ndim == 4 and inner.shape[0] == 2 and 7 <= inner.shape[1] <= 19 and inner.shape[3] >= 64
+    assert float(jnp.std(inner[0] - inner[1])) > 0  # depends on the chip
+
+
+def test_mid_distance_is_relative_and_ignores_padding_slots():
+    clean = jax.random.normal(jax.random.key(0), (2, 3, 4, 4, 8), jnp.float32)  # [chip/flip, F, ...]
+    assert float(mid_distance(clean, clean, jnp.ones((3,)))) == 0.0
+    adv = clean.at[:, 0].multiply(1.5)  # face 0 changed by half its size
+    np.testing.assert_allclose(float(mid_distance(adv, clean, jnp.asarray([1.0, 0.0, 0.0]))), 0.25, rtol=1e-5)
+    np.testing.assert_allclose(float(mid_distance(adv, clean, jnp.ones((3,)))), 0.25 / 3, rtol=1e-5)
+    adv2 = clean.at[:, 2].multiply(3.0)  # a padding slot's change does not count
+    assert float(mid_distance(adv2, clean, jnp.asarray([1.0, 1.0, 0.0]))) == 0.0
+
+
+def test_lpips_face_crops_on_a_finer_grid_cover_the_same_area():
+    yy, xx = np.mgrid[0:200, 0:240].astype(np.float32)
+    img = jnp.asarray(np.stack([np.sin(xx / 13.0), np.cos(yy / 9.0), np.sin((xx - yy) / 17.0)], -1) * 0.4 + 0.5)
+    t = jnp.asarray([[[1.1, 0.2, 40.0], [-0.2, 1.1, 30.0]]], jnp.float32)
+    c112 = np.asarray(_chips(img, t, (112, 112)))
+    c224 = np.asarray(_chips(img, _denser(t, 2.0), (224, 224)))
+    pooled = c224.reshape(1, 112, 2, 112, 2, 3).mean(axis=(2, 4))
+    assert np.abs(pooled - c112).max() < 0.01  # same area, twice the samples per side
+
+
+@pytest.mark.parametrize("option", [dict(rescale=0.5), dict(mid_weight=1.0), dict(lpips_face_side=224)],
+                         ids=["rescale", "mid_weight", "lpips_face_side"])
+def test_transfer_options_change_the_attack_and_keep_the_budget(photo, option):
+    base = dict(SMALL, epsilon=EPS, chroma=0.25)
+    d0, x = _delta(photo, Config(**base))
+    d1, _ = _delta(photo, Config(**base, **option))
+    assert np.abs(d1 - d0).max() > 1e-4
+    ok = _unclipped(x, 2 * EPS)
+    z = d1 @ np.linalg.inv(np.asarray(YCBCR_TO_RGB)).T
+    assert np.abs(z[ok][:, 0]).max() <= EPS + 1e-5 and np.abs(z[ok][:, 1:]).max() <= 0.25 * EPS + 1e-5
 
 
 def test_momentum_optimiser_is_mi_fgsm():

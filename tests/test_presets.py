@@ -48,7 +48,7 @@ def test_matches_reads_flags_missing_from_old_rows_as_off():
 
 
 def test_a_row_with_an_extra_option_on_is_not_the_preset(rows):
-    low = next(r for r in rows if r["setting"] == "eps8-shaped-mom-jit")
+    low = next(r for r in rows if r["setting"] == "eps8-shaped-jit")
     assert matches(LEVELS["low"], low["config"]) and low["preset"] == "low"
     balanced = {**low["config"], "balance": True}
     assert not matches(LEVELS["low"], balanced)

@@ -105,6 +105,7 @@ def _layers() -> tuple[LayerSpec, ...]:
 
 #: The 27 conv layers in graph order; ``ArcFaceMobileNet.layers[i]`` is ``LAYERS[i]``.
 LAYERS: tuple[LayerSpec, ...] = _layers()
+MID_LAYER = 12  # conv_pw_6: [N, 7, 7, 512], the middle of the 27 layers (``mid=True``)
 
 
 class ConvReLU6(nnx.Module):
@@ -152,10 +153,16 @@ class ArcFaceMobileNet(nnx.Module):
         self.fc = nnx.Linear(FEATURE_DIM, EMBED_DIM, use_bias=True,
                              kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
 
-    def __call__(self, chips: jax.Array) -> jax.Array:
+    def __call__(self, chips: jax.Array, *, mid: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """``mid=True``: also return the map after layer :data:`MID_LAYER` (the attack's
+        feature-level term, ``Config.mid_weight``)."""
         if chips.ndim != 4 or tuple(chips.shape[1:]) != (*INPUT_SIZE, 3):
             raise ValueError(f"ArcFaceMobileNet expects [N, {INPUT_SIZE[0]}, {INPUT_SIZE[1]}, 3] chips, got {chips.shape}")
         x = (chips.astype(jnp.float32) * jnp.float32(255.0) - jnp.float32(PIXEL_MEAN)) * jnp.float32(PIXEL_SCALE)
-        for layer in self.layers:
+        inner = x
+        for i, layer in enumerate(self.layers):
             x = layer(x)
-        return self.fc(jnp.mean(x, axis=(1, 2)))
+            if i == MID_LAYER:
+                inner = x
+        out = self.fc(jnp.mean(x, axis=(1, 2)))
+        return (out, inner) if mid else out

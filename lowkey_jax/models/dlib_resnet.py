@@ -71,6 +71,10 @@ STAGES: tuple[tuple[int, int, bool], ...] = (
     (256, 1, True),
 )
 
+# Residual blocks before the intermediate map of ``mid=True``: the end of the 64-filter
+# stage, [N, 19, 19, 64], half-way through the 14 blocks.
+MID_BLOCKS = 7
+
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
 
@@ -198,12 +202,17 @@ class DlibResNet(nnx.Module):
         self.blocks = nnx.List(blocks)
         self.fc = nnx.Linear(cin, EMBED_DIM, use_bias=False, rngs=rngs)
 
-    def __call__(self, chips: jax.Array) -> jax.Array:
+    def __call__(self, chips: jax.Array, *, mid: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """``mid=True``: also return the map after :data:`MID_BLOCKS` residual blocks (the
+        attack's feature-level term, ``Config.mid_weight``)."""
         if chips.shape[1:] != (*INPUT_SIZE, 3):
             raise ValueError(f"expected [N, {INPUT_SIZE[0]}, {INPUT_SIZE[1]}, 3] chips, got {chips.shape}")
         x = normalize(chips.astype(jnp.float32))
         x = _max_pool(jax.nn.relu(self.affine(self.conv(x))), 3, 2)
-        for block in self.blocks:
+        inner = x
+        for i, block in enumerate(self.blocks):
             x = block(x)
+            if i + 1 == MID_BLOCKS:
+                inner = x
         x = jnp.mean(x, axis=(1, 2))  # avg_pool_everything -> [N, 256]
-        return self.fc(x)
+        return (self.fc(x), inner) if mid else self.fc(x)

@@ -323,11 +323,13 @@ class FaceNet(nnx.Module):
         # Dense 1792 -> embed_dim with the bottleneck batch norm folded in by the converter.
         self.bottleneck = nnx.Linear(1792, config.embed_dim, use_bias=True, rngs=rngs)
 
-    def features(self, x: jax.Array) -> jax.Array:
+    def features(self, x: jax.Array, *, mid: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
         """Un-normalised bottleneck output of *prewhitened* input.
 
         Args:
           x: float32 ``[N, 160, 160, 3]``, prewhitened (see :func:`prewhiten`).
+          mid: also return the intermediate map after the Block35 stack, ``[N, 17, 17, 256]``
+            (the attack's feature-level term, ``Config.mid_weight``).
         Returns:
           float32 ``[N, embed_dim]`` (the graph's ``Bottleneck/BatchNorm/Reshape_1``; Keras:
           ``Bottleneck_BatchNorm``).
@@ -343,6 +345,7 @@ class FaceNet(nnx.Module):
         x = self.conv2d_4b(x)
         for block in self.block35:
             x = block(x)
+        inner = x
         x = self.mixed_6a(x)
         for block in self.block17:
             x = block(x)
@@ -352,27 +355,27 @@ class FaceNet(nnx.Module):
         x = self.block8_final(x)
         # AvgPool_1a_8x8: a 3x3 VALID average pool over the 3x3 map == spatial mean.
         x = jnp.mean(x, axis=(1, 2))
-        return self.bottleneck(x)
+        return (self.bottleneck(x), inner) if mid else self.bottleneck(x)
 
-    def embed_prewhitened(self, x: jax.Array) -> jax.Array:
+    def embed_prewhitened(self, x: jax.Array, *, mid: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
         """Embeddings of *prewhitened* input ``[N, 160, 160, 3]`` -> ``[N, embed_dim]``.
 
         This is exactly the graph from its ``input`` placeholder to ``embeddings`` (CASIA), or
         the Keras model from ``input_1`` to ``Bottleneck_BatchNorm`` (FACENET128).
         """
-        f = self.features(x)
-        if not self.config.l2_normalize:
-            return f
-        sq = jnp.sum(jnp.square(f), axis=1, keepdims=True)
-        return f * jax.lax.rsqrt(jnp.maximum(sq, L2_EPSILON))
+        f, inner = self.features(x, mid=True)
+        if self.config.l2_normalize:
+            f = f * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(f), axis=1, keepdims=True), L2_EPSILON))
+        return (f, inner) if mid else f
 
-    def __call__(self, chips: jax.Array) -> jax.Array:
+    def __call__(self, chips: jax.Array, *, mid: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
         """Embed face chips.
 
         Args:
           chips: float32 ``[N, 160, 160, 3]``, RGB in ``[0, 1]`` (facenet crops: MTCNN box
             plus margin, resized to 160x160).
         Returns:
-          float32 ``[N, embed_dim]``; unit L2 norm per row if ``config.l2_normalize``.
+          float32 ``[N, embed_dim]``; unit L2 norm per row if ``config.l2_normalize``. With
+          ``mid=True``, also the intermediate map of :meth:`features`.
         """
-        return self.embed_prewhitened(prewhiten(chips))
+        return self.embed_prewhitened(prewhiten(chips), mid=mid)

@@ -67,6 +67,7 @@ def _layers() -> tuple[LayerSpec, ...]:
 
 #: The 27 conv layers in graph order; ``SFace.layers[i]`` is ``LAYERS[i]``.
 LAYERS: tuple[LayerSpec, ...] = _layers()
+MID_LAYER = 12  # conv_7 (pointwise): [N, 14, 14, 512], the middle of the 27 layers (``mid=True``)
 FEATURE_SHAPE = (7, 7, 1024)  # (H, W, C) after conv_14 for a 112x112 input
 FLAT_DIM = FEATURE_SHAPE[0] * FEATURE_SHAPE[1] * FEATURE_SHAPE[2]  # 50176
 
@@ -119,11 +120,17 @@ class SFace(nnx.Module):
         self.layers = nnx.List([ConvPReLU(spec, precision=precision, rngs=rngs) for spec in LAYERS])
         self.fc = nnx.Linear(FLAT_DIM, EMBED_DIM, use_bias=True, precision=precision, kernel_init=_ZEROS, rngs=rngs)
 
-    def __call__(self, chips: jax.Array) -> jax.Array:
+    def __call__(self, chips: jax.Array, *, mid: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """``mid=True``: also return the map after layer :data:`MID_LAYER` (the attack's
+        feature-level term, ``Config.mid_weight``)."""
         if chips.ndim != 4 or tuple(chips.shape[1:]) != (*INPUT_SIZE, 3):
             raise ValueError(f"SFace expects [N, {INPUT_SIZE[0]}, {INPUT_SIZE[1]}, 3] chips, got {chips.shape}")
         x = (chips.astype(jnp.float32) * jnp.float32(255.0) - jnp.float32(PIXEL_MEAN)) * jnp.float32(PIXEL_SCALE)
-        for layer in self.layers:
+        inner = x
+        for i, layer in enumerate(self.layers):
             x = layer(x)
+            if i == MID_LAYER:
+                inner = x
         # NHWC flatten; the converter permuted the dense rows from ONNX's NCHW order.
-        return self.fc(x.reshape(x.shape[0], FLAT_DIM))
+        out = self.fc(x.reshape(x.shape[0], FLAT_DIM))
+        return (out, inner) if mid else out

@@ -77,6 +77,7 @@ SETTINGS: dict[str, dict] = {
     "eps8-shaped-mom-jit-rs": budgeted(8, jitter=0.05, rescale=0.5),
     "eps8-shaped-mom-jit-mid": budgeted(8, jitter=0.05, mid_weight=1.0),
     "eps10-shaped-jit-lp224": budgeted(10, jitter=0.05, momentum=0.0, lpips_face_side=224),
+    "eps8-shaped-jit-lp224": budgeted(8, jitter=0.05, momentum=0.0, lpips_face_side=224),
 }
 
 

@@ -6,9 +6,10 @@ for the default, ``mid`` (:func:`default_by_rule`, checked by ``tests/test_prese
 least visible measured setting (face CIEDE2000) whose worst recogniser *outside* the attack's
 ensemble matches at most 10% of probe pairs after the cloaked photo is halved and re-encoded
 as JPEG 75. That is a budget of 10/255 on brightness (2.5/255 on colour), shaped to the
-photo's texture, with alignment jitter and plain signed steps (momentum, measured, made the
-cloak more visible for no protection): it keeps eye colour and skin tone; at 1:1 smooth skin
-looks mottled and brows and lips are subtly reshaped. ``low`` is subtler (8/255) and defeats
+photo's texture, with alignment jitter, plain signed steps (momentum, measured, made the
+cloak more visible for no protection) and the LPIPS penalty on 224-pixel face crops: it
+keeps eye colour and skin tone; at 1:1 brows and lips are subtly reshaped on small faces.
+``low`` is subtler (8/255) and defeats
 the recognisers in the attack but not reliably the ones it never saw. ``high`` is the
 released LowKey objective run twice as long with half the visibility penalty (strongest,
 visibly changes faces); ``reference`` is the released LowKey setting itself. This module
@@ -31,7 +32,7 @@ def budgeted(n: int, **extra) -> dict:
 
 LEVELS: dict[str, dict[str, float | int | None]] = {
     "low": {"steps": 50, "alpha": 0.05, **budgeted(8, jitter=0.05, momentum=0.0)},
-    "mid": {"steps": 50, "alpha": 0.05, **budgeted(10, jitter=0.05, momentum=0.0)},
+    "mid": {"steps": 50, "alpha": 0.05, **budgeted(10, jitter=0.05, momentum=0.0, lpips_face_side=224)},
     "high": {"steps": 100, "alpha": 0.025, **_PLAIN},
     "reference": {"steps": 50, "alpha": 0.05, **_PLAIN},  # the released LowKey setting
 }

@@ -123,6 +123,7 @@ class FakeConfig:
     texture: float = 0.0
     momentum: float = 0.0
     jitter: float = 0.0
+    lpips_face_side: int = 112
 
 
 @dataclasses.dataclass

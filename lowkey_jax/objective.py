@@ -226,8 +226,7 @@ def downscaled_view(image: jax.Array, transforms: Mapping[str, jax.Array], facto
     small = jax.image.scale_and_translate(image, (h, w, c), (0, 1), jnp.stack([f, f]), jnp.zeros((2,), jnp.float32),
                                           "linear", antialias=True)
     # Pixel centres: index i of the photo sits at (i + 0.5) * f - 0.5 of the small copy.
-    zero = jnp.zeros((), jnp.float32)
-    shift = jnp.stack([jnp.stack([zero, zero, 0.5 * f - 0.5])] * 2)  # [2, 3]
+    shift = jnp.asarray([[0.0, 0.0, 1.0], [0.0, 0.0, 1.0]], jnp.float32) * (0.5 * f - 0.5)  # [2, 3]
     moved = {name: t * f + shift[None] for name, t in transforms.items()}
     return small, moved
 

@@ -277,9 +277,8 @@ def bench_buckets(folder: Path | None = None) -> dict:
     """How many times a folder of mixed photos compiles: the distinct (batch, bucket shape,
     face slots, chip supersampling) of ``cloak``'s plan (``attack.plan_batches``: grouped by
     compiled shape first, then batched), from detection and preparation only."""
-    from lowkey_jax.attack import Config, chip_supersampling, plan_batches, prepare
+    from lowkey_jax.attack import Config, attack_slots, chip_supersampling, plan_batches, prepare
     from lowkey_jax.detect import DETECT_SIDE, detect_faces
-    from lowkey_jax.face import face_slots
     from lowkey_jax.imageio import read_image
 
     folder = folder or SHARED / "faces" / "celebs"
@@ -291,7 +290,7 @@ def bench_buckets(folder: Path | None = None) -> dict:
         if faces:
             items.append(prepare(len(items), img, faces, cfg))
     batches = plan_batches(items, cfg)
-    shapes = {(len(b), *b[0].bucket, face_slots(max(len(p.faces) for p in b)), chip_supersampling(b, cfg.models))
+    shapes = {(len(b), *b[0].bucket, attack_slots(max(len(p.faces) for p in b)), chip_supersampling(b, cfg.models))
               for b in batches}
     return {"what": f"compiled attack shapes for {len(items)} photos of {folder.name} (batch_size {cfg.batch_size}, max_side {cfg.max_side})",
             "photos": len(items), "buckets": len({p.bucket for p in items}), "batches": len(batches),

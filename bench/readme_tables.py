@@ -16,7 +16,8 @@ After a new benchmark or evaluation run:
 Blocks (the name after ``BEGIN:``): ``benchmarks`` (models, detection), ``benchmarks-attack``
 (the attack, with the matmul peak measured in the same run), ``evaluation`` (protection per
 recogniser), ``evaluation-robustness`` (after JPEG / downscaling / blur) and
-``evaluation-quality`` (LPIPS / SSIM / PSNR) and ``sweep`` (protection vs visibility per setting). Text outside the markers is
+``evaluation-quality`` (LPIPS / SSIM / PSNR), ``sweep`` (protection vs visibility per setting) and
+``sweep-loo`` (the default, each recogniser held out of the attack). Text outside the markers is
 left alone; a missing field in the JSON is an error naming the file and the field.
 """
 
@@ -198,8 +199,20 @@ def render_sweep(data: dict, src: Path = SWEEP_JSON) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_loo(data: dict, src: Path = SWEEP_JSON) -> str:
+    """Leave-one-out of the default (``bench/sweep.py``: each recogniser held out of the attack)."""
+    lines = ["| held out (never seen by the attack) | attack ensemble | pairs matched, as uploaded | "
+             "pairs matched, halved + JPEG 75 |", "|---|---|---|---|"]
+    for r in _get(data, src, "leave_one_out"):
+        n = _get(r, src, "probes")
+        lines.append(f"| {_name(_get(r, src, 'held_out'))} | {', '.join(_name(m) for m in _get(r, src, 'ensemble'))} | "
+                     f"{_get(r, src, 'pairs_raw')} of {n} | {_get(r, src, 'pairs_platform')} of {n} |")
+    return "\n".join(lines) + "\n"
+
+
 BLOCKS: dict[str, tuple[Path, Callable[[dict, Path], str]]] = {
     "sweep": (SWEEP_JSON, render_sweep),
+    "sweep-loo": (SWEEP_JSON, render_loo),
     "benchmarks": (BENCH_JSON, render_benchmarks),
     "benchmarks-attack": (BENCH_JSON, render_attack),
     "evaluation": (EVAL_JSON, render_evaluation),

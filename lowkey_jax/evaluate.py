@@ -334,10 +334,17 @@ def evaluate(
     return report
 
 
+def pareto_front(points: list[dict], *, x: str, y: str) -> list[bool]:
+    """Per point: whether no other point is at least as good on both axes and better on one
+    (lower ``x``, higher ``y``)."""
+    return [not any(q[x] <= p[x] and q[y] >= p[y] and (q[x] < p[x] or q[y] > p[y]) for q in points) for p in points]
+
+
 def scatter_plot(points: list[dict], path: Path, *, x: str, y: str, xlabel: str, ylabel: str,
                  xmin_span: float = 0.05, xline: tuple[float, str] | None = None) -> None:
-    """One labelled point per setting (``point["label"]``): ``point[x]`` against
-    ``point[y]`` (``y`` in [0, 1]); ``xline`` draws a labelled vertical reference line."""
+    """One point per setting: ``point[x]`` against ``point[y]`` (``y`` in [0, 1]), labelled
+    with ``point["label"]``; a point with an empty label is drawn small and grey (context,
+    not a candidate). ``xline`` draws a labelled vertical reference line."""
     w, h, pad = 760, 520, 70
     im = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(im)
@@ -356,11 +363,12 @@ def scatter_plot(points: list[dict], path: Path, *, x: str, y: str, xlabel: str,
     py = lambda v: h - pad - (h - pad - 20) * v
     # boxes a label must not cover: every point's dot, then the labels drawn so far
     placed: list[tuple[float, float, float, float]] = [(px(p[x]) - 6, py(p[y]) - 6, px(p[x]) + 6, py(p[y]) + 6)
-                                                       for p in points]
-    for p in points:
+                                                       for p in points if p["label"]]
+    for p in sorted(points, key=lambda q: bool(q["label"])):  # labelled ones on top
         cx, cy = px(p[x]), py(p[y])
-        d.ellipse([cx - 5, cy - 5, cx + 5, cy + 5], fill=(31, 119, 180))
-    for p in sorted(points, key=lambda q: -q[y]):
+        r, fill = (5, (31, 119, 180)) if p["label"] else (3, (170, 170, 170))
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    for p in sorted((q for q in points if q["label"]), key=lambda q: -q[y]):
         cx, cy = px(p[x]), py(p[y])
         x0, x1 = d.textbbox((cx + 7, 0), p["label"])[0::2]
         ty = cy - 7
@@ -368,6 +376,7 @@ def scatter_plot(points: list[dict], path: Path, *, x: str, y: str, xlabel: str,
             ty += 13  # below the label it would cover, with a leader line to its point
         if ty != cy - 7:
             d.line([(cx + 4, cy + 3), (cx + 7, ty + 6)], fill=(150, 150, 150))
+        d.rectangle(d.textbbox((cx + 7, ty), p["label"]), fill="white")  # readable over grey dots
         d.text((cx + 7, ty), p["label"], fill="black")
         placed.append((x0, ty, x1, ty + 12))
     im.save(path)

@@ -11,8 +11,10 @@ and jaxlib, the backend (platform, its version, device kinds, device and process
 host CPU's instruction-set flags (an executable compiled for one CPU may not run on another),
 ``XLA_FLAGS`` and the JAX settings that change programs, plus what the caller adds (the
 attack's settings and the shapes, dtypes and shardings of its arguments). A change to any of
-these gives a new key, so stale entries are never loaded: they only take space (deleting the
-directory is always safe; the next run compiles again).
+these gives a new key, so stale entries are never loaded: they only take space, and
+:func:`store` keeps the directory under :data:`MAX_BYTES` by removing the entries used least
+recently (loading one marks it used). Deleting the directory is always safe; the next run
+compiles again.
 
 An executable that JAX itself read back from its persistent cache cannot be serialised again
 (running the reloaded copy fails with "Function ... not found" on CPU, jax 0.10), so
@@ -38,9 +40,12 @@ from typing import Any
 
 import jax
 
-__all__ = ["FORMAT", "CompileWatch", "key", "load", "store", "drop_jax_entries", "signature"]
+__all__ = ["FORMAT", "MAX_BYTES", "CompileWatch", "key", "load", "store", "prune", "drop_jax_entries", "signature"]
 
 FORMAT = 1  # bumped whenever the file layout changes
+# Size cap of a directory of stored executables (about 8 MB per photo shape and setting on
+# CPU): 60 or so entries; older ones are compiled again when next needed.
+MAX_BYTES = 512 * 2**20
 
 
 @cache
@@ -112,14 +117,47 @@ def load(path: Path, args: Any) -> jax.stages.Compiled | None:
         in_tree = jax.tree.structure((args, {}))
         if entry.get("format") != FORMAT or entry["in_tree"] != in_tree:
             raise ValueError("stored for other arguments")
-        return serialize_executable.deserialize_and_load(entry["payload"], in_tree, entry["out_tree"])
+        exe = serialize_executable.deserialize_and_load(entry["payload"], in_tree, entry["out_tree"])
     except Exception:  # damaged, truncated or from another build: compile instead
         path.unlink(missing_ok=True)
         return None
+    try:
+        os.utime(path)  # used now: pruned last
+    except OSError:
+        pass
+    return exe
 
 
-def store(path: Path, compiled: jax.stages.Compiled) -> bool:
-    """Write ``compiled`` to ``path`` atomically; False if it cannot be stored."""
+def prune(directory: Path, max_bytes: int = MAX_BYTES, keep: Path | None = None) -> list[Path]:
+    """Remove the least recently used ``*.bin`` entries of ``directory`` (by modification
+    time, which :func:`load` refreshes) until the rest fit in ``max_bytes``; never ``keep``.
+    Returns the removed paths."""
+    entries = []
+    for p in Path(directory).glob("*.bin"):
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        entries.append((st.st_mtime, st.st_size, p))
+    total = sum(size for _, size, _ in entries)
+    removed = []
+    for _, size, p in sorted(entries, key=lambda e: e[0]):
+        if total <= max_bytes:
+            break
+        if keep is not None and p == keep:
+            continue
+        try:
+            p.unlink()
+        except OSError:
+            continue
+        total -= size
+        removed.append(p)
+    return removed
+
+
+def store(path: Path, compiled: jax.stages.Compiled, max_bytes: int = MAX_BYTES) -> bool:
+    """Write ``compiled`` to ``path`` atomically, then :func:`prune` its directory to
+    ``max_bytes``; False if it cannot be stored."""
     from jax.experimental import serialize_executable
 
     try:
@@ -134,6 +172,7 @@ def store(path: Path, compiled: jax.stages.Compiled) -> bool:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+        prune(path.parent, max_bytes, keep=path)
         return True
     except Exception:  # a read-only or full disk, or a backend that cannot serialise
         return False

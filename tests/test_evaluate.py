@@ -68,3 +68,22 @@ def test_evaluate_command_end_to_end(tiny, tmp_path):
     assert "White-box" in md and "| sface |" in md
     assert "Image quality on the faces" in md and "never saw" in md and "shipped operating point" in md
     assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pareto_front_and_the_plot_grey_out_dominated_points(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from lowkey_jax.evaluate import pareto_front, scatter_plot
+
+    pts = [{"x": 1.0, "y": 0.5}, {"x": 2.0, "y": 0.9}, {"x": 2.0, "y": 0.8}, {"x": 0.5, "y": 0.5}, {"x": 3.0, "y": 0.9}]
+    # (1.0, 0.5) ties with (0.5, 0.5) on y and loses on x; (2.0, 0.8) loses to (2.0, 0.9); (3.0, 0.9) too
+    assert pareto_front(pts, x="x", y="y") == [False, True, False, True, False]
+    labelled = [{**p, "label": "front" if f else ""} for p, f in zip(pts, pareto_front(pts, x="x", y="y"))]
+    scatter_plot(labelled, tmp_path / "p.png", x="x", y="y", xlabel="x", ylabel="y")
+    im = np.asarray(Image.open(tmp_path / "p.png").convert("RGB"))
+    w, h, pad = 760, 520, 70
+    xmax = 3.0 * 1.15
+    at = lambda p: im[round(h - pad - (h - pad - 20) * p["y"]), round(pad + (w - pad - 20) * p["x"] / xmax)]
+    assert tuple(at(pts[1])) == (31, 119, 180) and tuple(at(pts[3])) == (31, 119, 180)  # front: blue
+    assert tuple(at(pts[2])) == (170, 170, 170) and tuple(at(pts[4])) == (170, 170, 170)  # dominated: grey

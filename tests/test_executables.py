@@ -68,3 +68,22 @@ def test_compile_watch_counts_persistent_cache_hits():
             X.CompileWatch._listen("/jax/compilation_cache/cache_misses")
     X.CompileWatch._listen("/jax/compilation_cache/cache_hits")  # after both ended: counted by none
     assert (outer.hits, inner.hits) == (2, 1)
+
+
+def test_the_store_keeps_its_size_cap_dropping_the_least_recently_used(tmp_path):
+    import os
+
+    args = (np.arange(12, dtype=np.float32).reshape(3, 4), np.ones((4, 2), np.float32))
+    exe = _compiled(args)
+    paths = [tmp_path / f"e{i}.bin" for i in range(3)]
+    for i, p in enumerate(paths):
+        assert X.store(p, exe)
+        os.utime(p, (1000.0 + i, 1000.0 + i))  # stored in order 0, 1, 2
+    size = paths[0].stat().st_size
+    assert X.load(paths[0], args) is not None  # loading marks e0 used: now the newest
+    new = tmp_path / "e3.bin"
+    assert X.store(new, exe, max_bytes=int(2.5 * size))  # room for two
+    assert sorted(p.name for p in tmp_path.glob("*.bin")) == ["e0.bin", "e3.bin"]  # e1, e2 were least recent
+    (tmp_path / "notes.txt").write_text("not an entry")
+    assert X.prune(tmp_path, max_bytes=0, keep=new) == [tmp_path / "e0.bin"]  # never the one just stored
+    assert new.exists() and (tmp_path / "notes.txt").exists()

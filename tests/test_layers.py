@@ -97,3 +97,13 @@ def test_input_gradient_inside_fori_loop_keeps_the_standard_kernel_layout():
     automatic input gradient with a transposed (``01oi``) kernel and a naive loop kernel,
     ~4x slower (jax 0.10.2; see the module docstring). Ours keeps ``01io``."""
     assert _loop_conv_kernel_labels(conv_general_dilated) == {"01io"}
+
+
+def test_run_layers_returns_the_output_and_the_chosen_inner_map():
+    from lowkey_jax.models.layers import run_layers
+
+    layers = [lambda v, k=k: v * 10 + k for k in range(1, 5)]
+    out, inner = run_layers(layers, jnp.float32(0), 1)
+    assert float(out) == 1234.0 and float(inner) == 12.0  # after the second layer
+    out, inner = run_layers(layers, jnp.float32(0), 3)
+    assert float(inner) == float(out)

@@ -42,17 +42,26 @@ def test_plan_batches_groups_first_then_batches():
 
 def test_plan_batches_bounds_face_slots_per_call():
     cfg = A.Config(models=("sface",), batch_size=4)
-    batches = A.plan_batches([_prepared(i, 300, 300, 7) for i in range(5)], cfg)  # 8 slots each
-    assert max(len(b) for b in batches) * 8 <= A.FACE_SLOTS_PER_CALL
+    batches = A.plan_batches([_prepared(i, 300, 300, 5) for i in range(5)], cfg)  # 6 slots each
+    assert A.attack_slots(5) == 6
+    assert max(len(b) for b in batches) * 6 <= A.FACE_SLOTS_PER_CALL
     assert sum(len(b) for b in batches) == 5
 
 
+def test_attack_slots_are_powers_of_two_up_to_a_full_pass():
+    assert A.MAX_FACES_PER_PASS == 6
+    assert [A.attack_slots(n) for n in range(1, 7)] == [1, 2, 4, 4, 6, 6]
+    assert A.attack_slots(9) >= 9  # never fewer slots than faces
+
+
 def test_face_passes_split_a_crowd():
-    assert [A.face_passes(n) for n in (1, 8, 9, 25)] == [1, 1, 2, 4]
+    assert [A.face_passes(n) for n in (1, 6, 7, 22, 25)] == [1, 1, 2, 4, 5]
     p = _prepared(0, 300, 300, 19)
     start = np.full((300, 300, 3), 0.5, np.float32)
     parts = [A._face_subset(p, k, start) for k in range(A.face_passes(19))]
-    assert [len(q.faces) for q in parts] == [8, 8, 3]
+    assert [len(q.faces) for q in parts] == [5, 5, 4, 5]  # even passes: one compiled shape (6 slots)
+    got = [f for q in parts for f in q.faces]
+    assert len(got) == len(p.faces) and all(a is b for a, b in zip(got, p.faces))  # each face once, in order
     assert all(q.transforms["sface"].shape[0] == len(q.faces) == q.lpips_transforms.shape[0] for q in parts)
     assert all(q.working is not p.working and float(q.working[0, 0, 0]) == 0.5 for q in parts)
 
@@ -288,3 +297,13 @@ def test_reduced_resolution_detection_keeps_the_faces(shared):
             assert err < 1e-3, (name, err)
     with pytest.raises(ValueError, match="max_side"):
         detect_faces(np.zeros((64, 64, 3), np.uint8), max_side=8)
+
+
+def test_restarts_keep_the_start_with_the_larger_distance(shared):
+    """Config.restarts=2 runs (it once failed writing into read-only result arrays) and keeps,
+    per photo, the restart whose feature distance is larger."""
+    img = _face_photo(shared, 200)
+    one = A.cloak([img], A.Config(**TINY), evaluate=False)[0]
+    two = A.cloak([img], A.Config(**TINY, restarts=2), evaluate=False)[0]
+    assert two.image.shape == img.shape and np.isfinite(two.distance)
+    assert two.distance >= one.distance - 1e-6  # restart 0 is the single run; the better one is kept

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lowkey_jax.models.layers import conv_general_dilated, depthwise_conv
+from lowkey_jax.models.layers import conv_general_dilated, depthwise_conv, run_layers
 
 __all__ = ["ArcFaceMobileNet", "ConvReLU6", "LayerSpec", "LAYERS", "tf_same_pads", "WEIGHTS",
            "INPUT_SIZE", "EMBED_DIM", "FEATURE_DIM", "PIXEL_MEAN", "PIXEL_SCALE"]
@@ -159,10 +159,6 @@ class ArcFaceMobileNet(nnx.Module):
         if chips.ndim != 4 or tuple(chips.shape[1:]) != (*INPUT_SIZE, 3):
             raise ValueError(f"ArcFaceMobileNet expects [N, {INPUT_SIZE[0]}, {INPUT_SIZE[1]}, 3] chips, got {chips.shape}")
         x = (chips.astype(jnp.float32) * jnp.float32(255.0) - jnp.float32(PIXEL_MEAN)) * jnp.float32(PIXEL_SCALE)
-        inner = x
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i == MID_LAYER:
-                inner = x
+        x, inner = run_layers(self.layers, x, MID_LAYER)
         out = self.fc(jnp.mean(x, axis=(1, 2)))
         return (out, inner) if mid else out

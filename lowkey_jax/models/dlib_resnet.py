@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lowkey_jax.models.layers import conv_general_dilated, max_pool
+from lowkey_jax.models.layers import conv_general_dilated, max_pool, run_layers
 
 __all__ = [
     "DlibResNet",
@@ -209,10 +209,6 @@ class DlibResNet(nnx.Module):
             raise ValueError(f"expected [N, {INPUT_SIZE[0]}, {INPUT_SIZE[1]}, 3] chips, got {chips.shape}")
         x = normalize(chips.astype(jnp.float32))
         x = _max_pool(jax.nn.relu(self.affine(self.conv(x))), 3, 2)
-        inner = x
-        for i, block in enumerate(self.blocks):
-            x = block(x)
-            if i + 1 == MID_BLOCKS:
-                inner = x
+        x, inner = run_layers(self.blocks, x, MID_BLOCKS - 1)
         x = jnp.mean(x, axis=(1, 2))  # avg_pool_everything -> [N, 256]
         return (self.fc(x), inner) if mid else self.fc(x)

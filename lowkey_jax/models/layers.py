@@ -299,3 +299,14 @@ def max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
     if not cpu_rewrites():
         return _max_pool_plain(x, int(window), int(stride))
     return _max_pool(x, int(window), int(stride))
+
+
+def run_layers(layers, x: jax.Array, mid_index: int) -> tuple[jax.Array, jax.Array]:
+    """Apply ``layers`` in order to ``x``; return the output and the map after layer
+    ``mid_index`` (the feature-level term's intermediate activation, ``mid=True``)."""
+    inner = x
+    for i, layer in enumerate(layers):
+        x = layer(x)
+        if i == mid_index:
+            inner = x
+    return x, inner

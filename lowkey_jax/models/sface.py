@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lowkey_jax.models.layers import conv_general_dilated, depthwise_conv
+from lowkey_jax.models.layers import conv_general_dilated, depthwise_conv, run_layers
 
 __all__ = ["SFace", "ConvPReLU", "LayerSpec", "LAYERS", "WEIGHTS", "INPUT_SIZE", "EMBED_DIM"]
 
@@ -126,11 +126,7 @@ class SFace(nnx.Module):
         if chips.ndim != 4 or tuple(chips.shape[1:]) != (*INPUT_SIZE, 3):
             raise ValueError(f"SFace expects [N, {INPUT_SIZE[0]}, {INPUT_SIZE[1]}, 3] chips, got {chips.shape}")
         x = (chips.astype(jnp.float32) * jnp.float32(255.0) - jnp.float32(PIXEL_MEAN)) * jnp.float32(PIXEL_SCALE)
-        inner = x
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i == MID_LAYER:
-                inner = x
+        x, inner = run_layers(self.layers, x, MID_LAYER)
         # NHWC flatten; the converter permuted the dense rows from ONNX's NCHW order.
         out = self.fc(x.reshape(x.shape[0], FLAT_DIM))
         return (out, inner) if mid else out

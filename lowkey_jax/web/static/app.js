@@ -58,7 +58,7 @@ async function loadInfo() {
     `Up to ${L.max_files} photos at a time, ${Math.round(L.max_file_bytes / 1048576)} MiB and ` +
     `${Math.round(L.max_pixels / 1e6)} megapixels each. Low: subtlest, beats the recognisers it was ` +
     `made against but not reliably others; mid: keeps eye colour and skin tone; up close, brows and lips are ` +
-    `subtly reshaped on small faces; protected against the recognisers we test it on; high: strongest, visibly alters faces; ` +
+    `subtly reshaped on small faces; protected against the recognisers we test it on; high: strongest (no recogniser we test matched), visibly alters faces; ` +
     `reference: the LowKey authors' setting. Cloaked photos keep their size, format and ` +
     `colour profile; EXIF and GPS are removed. Files are deleted after download or ${Math.round(L.expire_s / 60)} minutes.`;
 }

@@ -123,6 +123,10 @@ def cmd_cloak(names: list[str]) -> None:
         print(f"{name}: {spp:.1f} s/photo incl. compile (matmul peak {peak0 / 1e9:.0f} / {peak1 / 1e9:.0f} GFLOP/s)", flush=True)
 
 
+def _clean_set_path(graders) -> Path:
+    return work_dir() / f"clean_set_{'_'.join(graders)}.pkl"
+
+
 def _cached_clean_set(photos, graders):
     """:func:`clean_set`, with the detected faces and clean embeddings kept on disk (the
     photos themselves are read again): grading restarts without re-embedding 61 photos."""
@@ -130,7 +134,7 @@ def _cached_clean_set(photos, graders):
 
     from lowkey_jax.imageio import read_image
 
-    cache = work_dir() / f"clean_set_{'_'.join(graders)}.pkl"
+    cache = _clean_set_path(graders)
     if cache.is_file():
         kept, faces, emb, skipped = pickle.loads(cache.read_bytes())
         images = {p.path: read_image(p.path).rgb for p in kept}
@@ -241,12 +245,11 @@ def cmd_report() -> None:
         L.append(f"| {r['setting']} | " + " | ".join(
             f"{v['raw']:.2f} / {v['platform']:.2f}{' (unseen)' if m in r['unseen'] else ''}" for m, v in r["per_model"].items()) + " |")
     if loo:
-        L += ["", "Leave-one-out (each recogniser held out of the attack, graded at its shipped operating point; "
-              "pairs matched of all clean probe pairs):", "",
-              "| setting | held out | attack ensemble | match, raw | match, halved + JPEG 75 |", "|---|---|---|---|---|"]
-        for r in loo:
-            L.append(f"| {r['setting']} | {r['held_out']} | {', '.join(r['ensemble'])} | {r['pairs_raw']} of {r['probes']} | "
-                     f"{r['pairs_platform']} of {r['probes']} |")
+        sys.path.insert(0, str(ROOT / "bench"))
+        from readme_tables import render_loo  # the README's rendering of the same rows
+
+        L += ["", f"Leave-one-out of {', '.join(LOO_OF)} (each recogniser held out of the attack, graded at its "
+              "shipped operating point; pairs matched of all clean probe pairs):", "", render_loo({"leave_one_out": loo})]
     L += ["", "![protection vs visibility](pareto.png)", ""]
     (OUT / "sweep.md").write_text("\n".join(L))
     _pareto(rows, OUT / "pareto.png")
@@ -259,7 +262,7 @@ def leave_one_out(results: dict) -> list[dict]:
     or from the setting itself when the model is outside its ensemble)."""
     import pickle
 
-    kept = pickle.loads(next(work_dir().glob("clean_set_*.pkl")).read_bytes())[0]
+    kept = pickle.loads(_clean_set_path(list(RECOGNIZERS)).read_bytes())[0]  # what cmd_grade graded against
     n = len(split_gallery(kept)[1])
     out = []
     for base in LOO_OF:

@@ -361,7 +361,7 @@ def scatter_plot(points: list[dict], path: Path, *, x: str, y: str, xlabel: str,
         d.line([(px(xline[0]), 20), (px(xline[0]), h - pad)], fill=(200, 200, 200))
         d.text((px(xline[0]) + 3, 25), xline[1], fill=(120, 120, 120))
     py = lambda v: h - pad - (h - pad - 20) * v
-    # boxes a label must not cover: every point's dot, then the labels drawn so far
+    # boxes a label must not cover: every labelled point's dot, then the labels drawn so far
     placed: list[tuple[float, float, float, float]] = [(px(p[x]) - 6, py(p[y]) - 6, px(p[x]) + 6, py(p[y]) + 6)
                                                        for p in points if p["label"]]
     for p in sorted(points, key=lambda q: bool(q["label"])):  # labelled ones on top

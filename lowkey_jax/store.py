@@ -307,6 +307,16 @@ def _fetch_file(art: Artifact, out: Path) -> list[str]:
     return problems
 
 
+def _stderr_or_pipe():
+    """Where a child process may print its progress: our stderr when it is a real file;
+    otherwise (Jupyter, a test runner's captured stream: no ``fileno``) a pipe to relay."""
+    try:
+        sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError and a ValueError
+        return subprocess.PIPE
+    return sys.stderr
+
+
 def _pip_download(art: Artifact, tmp: Path, quiet: bool) -> list[str]:
     """A wheel through pip's hash-checking mode; returns the problems met (empty: done)."""
     req = tmp / "requirements.txt"
@@ -316,8 +326,10 @@ def _pip_download(art: Artifact, tmp: Path, quiet: bool) -> list[str]:
            *art.pip_args, "-r", str(req), "-d", str(dest)]
     if quiet:
         cmd.append("--quiet")
-    proc = subprocess.run(cmd, stdout=sys.stderr if not quiet else subprocess.DEVNULL,
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL if quiet else _stderr_or_pipe(),
                           stderr=subprocess.PIPE, text=True)
+    if proc.stdout:  # sys.stderr had no file descriptor (a notebook, a test runner): relay pip's progress
+        sys.stderr.write(proc.stdout)
     if proc.returncode == 0 and (dest / art.file).is_file():
         os.replace(dest / art.file, tmp / art.file)
         return []

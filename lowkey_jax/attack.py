@@ -537,13 +537,14 @@ class Attack:
                 fn, ins, donate = partial(_attack_batch, config=self.config, graphdefs=self._graphdefs,
                                           chips=chips), (r, b, b, b, b), (1,)
             elif program == "start":
-                fn, ins, donate = partial(_attack_start, config=self.config), (b, b, b), ()
+                fn, ins, donate = partial(_attack_start, config=self.config, graphdefs=self._graphdefs,
+                                          chips=chips), (r, b, b, b, b), ()
             elif program == "steps":
                 fn, ins, donate = (partial(_attack_steps, config=self.config, graphdefs=self._graphdefs, chips=chips,
-                                           length=PROGRESS_EVERY), (r, b, b, b, b, b, b, r), (5, 6))
+                                           length=PROGRESS_EVERY), (r, b, b, b, b, b, b, b, r), (5, 6))
             elif program == "finish":
                 fn, ins, donate = partial(_attack_finish, config=self.config, graphdefs=self._graphdefs,
-                                          chips=chips), (r, b, b, b, b), (4,)
+                                          chips=chips), (r, b, b, b, b, b), (4,)
             else:
                 raise ValueError(f"unknown attack program {program!r}")
             self._fns[key] = jax.jit(fn, in_shardings=ins, out_shardings=b, donate_argnums=donate)
@@ -642,17 +643,16 @@ class Attack:
     def _run_segments(self, ss: tuple[tuple[str, int], ...], args: tuple):
         """The attack as ``start``, ``steps`` x ceil(steps / PROGRESS_EVERY), ``finish``,
         reporting progress on the host between segments (no host callback compiled in, so
-        these programs are stored like the one-call attack). Same steps, same random
+        these programs are stored like the one-call attack). ``start`` also computes the
+        clean photo's features, which the other two take as inputs. Same steps, same random
         draws: the result equals the one-call attack's up to float rounding."""
-        params, clean, pmask, geometry, keys = args
-        start = (clean, pmask, keys)
-        z, state = self._executable(ss, start, "start")(*start)
+        z, state, targets = self._executable(ss, args, "start")(*args)
         for s0 in range(0, self.config.steps, PROGRESS_EVERY):
-            seg = (params, clean, pmask, geometry, keys, z, state, np.int32(s0))
+            seg = (*args, z, state, targets, np.int32(s0))
             z, state = self._executable(ss, seg, "steps")(*seg)
             jax.block_until_ready(z)
             _report_step(min(s0 + PROGRESS_EVERY, self.config.steps), self.config.steps)
-        fin = (params, clean, pmask, geometry, z)
+        fin = (*args[:4], z, targets)
         return self._executable(ss, fin, "finish")(*fin)
 
 
@@ -753,10 +753,11 @@ def _start_one(x, mask, key, config: Config):
     return z, _optimiser(config).init(z)
 
 
-def _steps_one(x, mask, geom, key, z, state, first, last, setup, config: Config):
-    """Steps ``first <= i < last`` of the signed ascent on one photo: ``(z, state)`` after."""
+def _steps_one(x, mask, geom, key, z, state, targets, first, last, setup, config: Config):
+    """Steps ``first <= i < last`` of the signed ascent on one photo: ``(z, state)`` after.
+    ``targets``: ``_targets`` of the clean photo."""
     models, lpips, kwargs = setup
-    targets, mids = _targets(x, geom, models, config)
+    targets, mids = targets
     bound = _bound(x, mask, config)
     optimiser = _optimiser(config)
 
@@ -786,10 +787,10 @@ def _steps_one(x, mask, geom, key, z, state, first, last, setup, config: Config)
     return jax.lax.fori_loop(first, last, step, (z, state))
 
 
-def _finish_one(x, geom, z, setup, config: Config):
+def _finish_one(x, geom, z, targets, setup, config: Config):
     """(perturbation of the clamped photo, final distance, whole-photo LPIPS)."""
     models, lpips, kwargs = setup
-    targets, mids = _targets(x, geom, models, config)
+    targets, mids = targets
     adv = jnp.clip(x + to_rgb(z, config.chroma), 0.0, 1.0)
     _, aux = objective(adv, x, geom, models, targets, lpips, mid_targets=mids, **kwargs)
     whole_photo_lpips = lpips(adv[None], x[None])[0] * geom.lpips_scale
@@ -802,38 +803,47 @@ def _attack_batch(params, clean, pmask, geometry, keys, *, config: Config, graph
     setup = _setup(params, config, graphdefs, chips)
 
     def one(x, mask, geom, key):
+        targets = _targets(x, geom, setup[0], config)
         z, state = _start_one(x, mask, key, config)
-        z, _ = _steps_one(x, mask, geom, key, z, state, 0, config.steps, setup, config)
-        return _finish_one(x, geom, z, setup, config)
+        z, _ = _steps_one(x, mask, geom, key, z, state, targets, 0, config.steps, setup, config)
+        return _finish_one(x, geom, z, targets, setup, config)
 
     with jax.default_matmul_precision(config.precision):
         return jax.vmap(one)(clean, pmask, geometry, keys)
 
 
-def _attack_start(clean, pmask, keys, *, config: Config):
-    """Segmented attack, first call: batched ``(z, state)`` (see ``Attack._run_segments``)."""
-    return jax.vmap(lambda x, mask, key: _start_one(x, mask, key, config))(clean, pmask, keys)
+def _attack_start(params, clean, pmask, geometry, keys, *, config: Config, graphdefs, chips):
+    """Segmented attack, first call: batched ``(z, state, targets)`` (see
+    ``Attack._run_segments``)."""
+    setup = _setup(params, config, graphdefs, chips)
+
+    def one(x, mask, geom, key):
+        return (*_start_one(x, mask, key, config), _targets(x, geom, setup[0], config))
+
+    with jax.default_matmul_precision(config.precision):
+        return jax.vmap(one)(clean, pmask, geometry, keys)
 
 
-def _attack_steps(params, clean, pmask, geometry, keys, z, state, start, *, config: Config, graphdefs, chips,
-                  length: int):
+def _attack_steps(params, clean, pmask, geometry, keys, z, state, targets, start, *, config: Config, graphdefs,
+                  chips, length: int):
     """Segmented attack: steps ``start .. min(start + length, steps) - 1`` (``start`` traced,
     so one program serves every segment); batched ``(z, state)`` after them."""
     setup = _setup(params, config, graphdefs, chips)
     stop = jnp.minimum(start + length, config.steps)
 
-    def one(x, mask, geom, key, z, state):
-        return _steps_one(x, mask, geom, key, z, state, start, stop, setup, config)
+    def one(x, mask, geom, key, z, state, targets):
+        return _steps_one(x, mask, geom, key, z, state, targets, start, stop, setup, config)
 
     with jax.default_matmul_precision(config.precision):
-        return jax.vmap(one)(clean, pmask, geometry, keys, z, state)
+        return jax.vmap(one)(clean, pmask, geometry, keys, z, state, targets)
 
 
-def _attack_finish(params, clean, pmask, geometry, z, *, config: Config, graphdefs, chips):
+def _attack_finish(params, clean, pmask, geometry, z, targets, *, config: Config, graphdefs, chips):
     """Segmented attack, last call: as ``_attack_batch``'s outputs."""
     setup = _setup(params, config, graphdefs, chips)
+    fin = lambda x, geom, z, targets: _finish_one(x, geom, z, targets, setup, config)
     with jax.default_matmul_precision(config.precision):
-        return jax.vmap(lambda x, geom, z: _finish_one(x, geom, z, setup, config))(clean, geometry, z)
+        return jax.vmap(fin)(clean, geometry, z, targets)
 
 
 # --- photos in, photos out --------------------------------------------------------------

@@ -395,8 +395,8 @@ def _process(pending: list[tuple[Job, LoadedImage]], config, fmt, quality, keep_
     breaks it fails. KeyboardInterrupt and WeightsError stop the run.
 
     Progress: no step callback is passed, so the attack runs as one compiled call (with
-    one it runs in segments, a little slower: ``bench/bench.py progress``); a clock line
-    ticks instead.
+    one it runs in segments: three programs to compile instead of one, the same time per
+    step, ``bench/bench.py progress``); a clock line ticks instead.
     """
     import threading
 

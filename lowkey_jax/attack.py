@@ -531,23 +531,12 @@ class Attack:
         None contains a host callback, so every one can be stored (``_executable``)."""
         key = (supersample, program)
         if key not in self._fns:
+            fn, spec, donate = _PROGRAMS[program]
             chips = {n: (r.input_size, dict(supersample).get(n, 1)) for n, r in self.recognizers.items()}
-            b, r = self._batch_sharding, self._replicated
-            if program == "attack":
-                fn, ins, donate = partial(_attack_batch, config=self.config, graphdefs=self._graphdefs,
-                                          chips=chips), (r, b, b, b, b), (1,)
-            elif program == "start":
-                fn, ins, donate = partial(_attack_start, config=self.config, graphdefs=self._graphdefs,
-                                          chips=chips), (r, b, b, b, b), ()
-            elif program == "steps":
-                fn, ins, donate = (partial(_attack_steps, config=self.config, graphdefs=self._graphdefs, chips=chips,
-                                           length=PROGRESS_EVERY), (r, b, b, b, b, b, b, b, r), (5, 6))
-            elif program == "finish":
-                fn, ins, donate = partial(_attack_finish, config=self.config, graphdefs=self._graphdefs,
-                                          chips=chips), (r, b, b, b, b, b), (4,)
-            else:
-                raise ValueError(f"unknown attack program {program!r}")
-            self._fns[key] = jax.jit(fn, in_shardings=ins, out_shardings=b, donate_argnums=donate)
+            shardings = {"r": self._replicated, "b": self._batch_sharding}
+            self._fns[key] = jax.jit(partial(fn, config=self.config, graphdefs=self._graphdefs, chips=chips),
+                                     in_shardings=tuple(shardings[c] for c in spec),
+                                     out_shardings=self._batch_sharding, donate_argnums=donate)
         return self._fns[key]
 
     def _executable(self, supersample: tuple[tuple[str, int], ...], args: tuple, program: str = "attack") -> Callable:
@@ -574,7 +563,7 @@ class Attack:
                 executables.store(path, exe)
             own = compilation_cache_dir()
             if own is not None and Path(cache_dir) == own:  # JAX's copy would shadow ours next time
-                executables.drop_jax_entries(own, _PROGRAMS[program])
+                executables.drop_jax_entries(own, _PROGRAMS[program][0].__name__)
         self._executables[sig] = exe
         return exe
 
@@ -708,8 +697,6 @@ def _optimiser(config: Config) -> optax.GradientTransformation:
     return optax.chain(*parts, optax.scale_by_sign(), optax.scale(-config.step_size))
 
 
-_PROGRAMS = {"attack": "_attack_batch", "start": "_attack_start", "steps": "_attack_steps",
-             "finish": "_attack_finish"}  # program -> traced function (its JAX cache entries' name)
 PROGRESS_EVERY = 5  # steps per compiled segment when progress is reported (``Attack._run_segments``)
 
 
@@ -825,7 +812,7 @@ def _attack_start(params, clean, pmask, geometry, keys, *, config: Config, graph
 
 
 def _attack_steps(params, clean, pmask, geometry, keys, z, state, targets, start, *, config: Config, graphdefs,
-                  chips, length: int):
+                  chips, length: int = PROGRESS_EVERY):
     """Segmented attack: steps ``start .. min(start + length, steps) - 1`` (``start`` traced,
     so one program serves every segment); batched ``(z, state)`` after them."""
     setup = _setup(params, config, graphdefs, chips)
@@ -844,6 +831,16 @@ def _attack_finish(params, clean, pmask, geometry, z, targets, *, config: Config
     fin = lambda x, geom, z, targets: _finish_one(x, geom, z, targets, setup, config)
     with jax.default_matmul_precision(config.precision):
         return jax.vmap(fin)(clean, geometry, z, targets)
+
+
+# program -> (traced function, argument shardings: "r"eplicated / "b"atch-sharded, donated
+# arguments); ``Attack._compiled`` jits them, ``Attack._executable`` stores them.
+_PROGRAMS = {
+    "attack": (_attack_batch, "rbbbb", (1,)),
+    "start": (_attack_start, "rbbbb", ()),
+    "steps": (_attack_steps, "rbbbbbbbr", (5, 6)),
+    "finish": (_attack_finish, "rbbbbb", (4,)),
+}
 
 
 # --- photos in, photos out --------------------------------------------------------------

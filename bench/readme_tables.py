@@ -201,12 +201,14 @@ def render_sweep(data: dict, src: Path = SWEEP_JSON) -> str:
 
 
 def render_loo(data: dict, src: Path = SWEEP_JSON) -> str:
-    """Leave-one-out of the default (``bench/sweep.py``: each recogniser held out of the attack)."""
-    lines = ["| held out (never seen by the attack) | attack ensemble | pairs matched, as uploaded | "
-             "pairs matched, halved + JPEG 75 |", "|---|---|---|---|"]
+    """Leave-one-out of the default and its variants (``bench/sweep.py``: each recogniser held
+    out of the attack), one row per (setting, held-out recogniser)."""
+    lines = ["| setting | held out (never seen by the attack) | attack ensemble | pairs matched, as uploaded | "
+             "pairs matched, halved + JPEG 75 |", "|---|---|---|---|---|"]
     for r in _get(data, src, "leave_one_out"):
         n = _get(r, src, "probes")
-        lines.append(f"| {_name(_get(r, src, 'held_out'))} | {', '.join(_name(m) for m in _get(r, src, 'ensemble'))} | "
+        lines.append(f"| {_get(r, src, 'setting')} | {_name(_get(r, src, 'held_out'))} | "
+                     f"{', '.join(_name(m) for m in _get(r, src, 'ensemble'))} | "
                      f"{_get(r, src, 'pairs_raw')} of {n} | {_get(r, src, 'pairs_platform')} of {n} |")
     return "\n".join(lines) + "\n"
 

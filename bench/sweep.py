@@ -72,6 +72,7 @@ SETTINGS: dict[str, dict] = {
     "eps8-shaped-jit-lp224": budgeted(8, jitter=0.05, momentum=0.0, lpips_face_side=224),
     "eps10-shaped-jit-lp224-a20": budgeted(10, jitter=0.05, momentum=0.0, lpips_face_side=224, alpha=0.2),
     "eps16-shaped-jit-lp224": budgeted(16, jitter=0.05, momentum=0.0, lpips_face_side=224),
+    "eps10-shaped-jit-lp224-eq": budgeted(10, jitter=0.05, momentum=0.0, lpips_face_side=224, equalise=True),
 }
 
 # Leave-one-out: ``<setting>-loo-<model>`` is the setting attacking with every recogniser but
@@ -79,9 +80,10 @@ SETTINGS: dict[str, dict] = {
 # outside a setting's own ensemble are graded from the setting itself (a weaker, three-model
 # attack, so a stricter test). Kept out of the main table: the ensembles differ.
 LOO = "-loo-"
-LOO_OF = ("eps10-shaped-jit-lp224",)  # the `mid` preset
+LOO_OF = ("eps10-shaped-jit-lp224", "eps10-shaped-jit-lp224-eq")  # the `mid` preset, with equalised gradients
+LOO_HELD = {"eps10-shaped-jit-lp224-eq": ("sface",)}  # the variant: only the recogniser `mid` fails for
 for _base in LOO_OF:
-    for _held in SETTINGS[_base].get("models", Config.models):
+    for _held in LOO_HELD.get(_base, SETTINGS[_base].get("models", Config.models)):
         SETTINGS[f"{_base}{LOO}{_held}"] = {**SETTINGS[_base], "models": tuple(m for m in RECOGNIZERS if m != _held)}
 
 # The recogniser the default transfers to worst (SFace, held out: docs/eval/sweep.md) against

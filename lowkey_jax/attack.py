@@ -126,6 +126,10 @@ class Config:
       balance: weight each recogniser's feature distance by its dimension, so every model of
         the ensemble counts alike (``objective.objective(balance=...)``; off: the reference's
         mean over dims, which under-weights FaceNet's 512-D features 4x).
+      equalise: rescale each recogniser's gradient to the same size (L1, per face) before
+        the signed step (``objective.equalise_gradients``; off: the reference's plain sum, in
+        which SFace's 10-45x larger gradient decides the sign of most pixels and FaceNet and
+        dlib are barely attacked on some faces).
     """
 
     steps: int = 50
@@ -153,6 +157,7 @@ class Config:
     balance: bool = False
     rescale: float = 0.0
     mid_weight: float = 0.0
+    equalise: bool = False
 
     @classmethod
     def preset(cls, level: str = "mid", **overrides) -> "Config":
@@ -521,6 +526,7 @@ class Attack:
         self._fns: dict[tuple, Callable] = {}
         self._executables: dict[tuple, Callable] = {}
         self._loaded: dict[tuple, Path] = {}  # executables read from the store, by signature
+        self._used: list[tuple] = []  # signatures of the executables the current batch ran
         self._lpips_fn: Callable | None = None
         self.compiled_shapes: set[tuple] = set()
 
@@ -545,6 +551,7 @@ class Attack:
         Without a compilation cache directory (opted out) or on several processes, this is
         the plain jitted function."""
         sig = (supersample, executables.signature(args)) + ((program,) if program != "attack" else ())
+        self._used.append(sig)
         if sig in self._executables:
             return self._executables[sig]
         fn = self._compiled(supersample, program)
@@ -612,37 +619,52 @@ class Attack:
         shape = (len(padded), *bucket, slots, ss)
         _report_stage("cloaking" if shape in self.compiled_shapes else "compiling")
         self.compiled_shapes.add(shape)
-        args = (self.params, *self._put((clean, pmask, geometry, keys)))
+        fresh = lambda: (self.params, *self._put((clean, pmask, geometry, keys)))  # donated: put anew to retry
         rows = lambda out: tuple(self._local(x)[:n] for x in out)  # (delta, distance, lpips)
-        if _progress_hook[0] is not None:
-            return rows(self._run_segments(ss, args))
-        fn = self._executable(ss, args)
+        segmented = _progress_hook[0] is not None
+        self._used = []
         try:
-            return rows(fn(*args))
+            if segmented:
+                return rows(self._run_segments(ss, fresh()))
+            args = fresh()
+            return rows(self._executable(ss, args)(*args))
         except jax.errors.JaxRuntimeError:
-            sig = (ss, executables.signature(args))
-            if sig not in self._loaded:
-                raise
             # A stored executable that loads but does not run (it should not happen: only
-            # executables compiled in-process are stored): drop it and compile afresh.
+            # executables compiled in-process are stored): drop the ones this batch read
+            # from the store and attack it again with programs compiled afresh.
+            if not self._forget_loaded(self._used):
+                raise
+            if segmented:
+                return rows(self._run_segments(ss, fresh(), stored=False))
+            return rows(self._compiled(ss)(*fresh()))
+
+    def _forget_loaded(self, sigs) -> bool:
+        """Delete those of the executables ``sigs`` that were read from the store (files
+        and memory); whether there were any."""
+        stale = [sig for sig in sigs if sig in self._loaded]
+        for sig in stale:
             self._loaded.pop(sig).unlink(missing_ok=True)
             self._executables.pop(sig, None)
-            return rows(self._compiled(ss)(self.params, *self._put((clean, pmask, geometry, keys))))
+        return bool(stale)
 
-    def _run_segments(self, ss: tuple[tuple[str, int], ...], args: tuple):
+    def _run_segments(self, ss: tuple[tuple[str, int], ...], args: tuple, stored: bool = True):
         """The attack as ``start``, ``steps`` x ceil(steps / PROGRESS_EVERY), ``finish``,
         reporting progress on the host between segments (no host callback compiled in, so
         these programs are stored like the one-call attack). ``start`` also computes the
         clean photo's features, which the other two take as inputs. Same steps, same random
-        draws: the result equals the one-call attack's up to float rounding."""
-        z, state, targets = self._executable(ss, args, "start")(*args)
+        draws: the result equals the one-call attack's up to float rounding. ``stored``
+        False: programs compiled here, none read from the store (the retry after a stored
+        one failed to run)."""
+        get = (lambda a, program: self._executable(ss, a, program)) if stored else (
+            lambda a, program: self._compiled(ss, program))
+        z, state, targets = get(args, "start")(*args)
         for s0 in range(0, self.config.steps, PROGRESS_EVERY):
             seg = (*args, z, state, targets, np.int32(s0))
-            z, state = self._executable(ss, seg, "steps")(*seg)
+            z, state = get(seg, "steps")(*seg)
             jax.block_until_ready(z)
             _report_step(min(s0 + PROGRESS_EVERY, self.config.steps), self.config.steps)
         fin = (*args[:4], z, targets)
-        return self._executable(ss, fin, "finish")(*fin)
+        return get(fin, "finish")(*fin)
 
 
 def _jitter(geom: Geometry, key: jax.Array, amount: float, models: dict[str, Model]) -> Geometry:
@@ -710,7 +732,7 @@ def _setup(params, config: Config, graphdefs, chips):
     lpips = nnx.merge(graphdefs["lpips"], params["lpips"])
     kwargs = dict(alpha=config.alpha, blur=config.blur, blur_sigma=config.blur_sigma,
                   blur_kernel=config.blur_kernel, lpips_max_side=config.lpips_max_side, balance=config.balance,
-                  mid_weight=config.mid_weight, lpips_face_side=config.lpips_face_side)
+                  mid_weight=config.mid_weight, lpips_face_side=config.lpips_face_side, equalise=config.equalise)
     return models, lpips, kwargs
 
 

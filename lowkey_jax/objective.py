@@ -65,6 +65,7 @@ __all__ = [
     "downscaled_view",
     "clean_mid_features",
     "mid_distance",
+    "equalise_gradients",
 ]
 
 Embed = Callable[[jax.Array], jax.Array]  # [N, h, w, 3] in [0, 1] -> [N, D]
@@ -205,6 +206,39 @@ def feature_distance(adv: jax.Array, clean: jax.Array, mask: jax.Array) -> jax.A
     return jnp.sum(per_face * mask) / jnp.maximum(jnp.sum(mask), jnp.float32(1.0))
 
 
+@jax.custom_vjp
+def equalise_gradients(chips: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    """Identity on each recogniser's chips; in the backward pass, each recogniser's chip
+    gradient is rescaled so that all have the same L1 size per face (the mean of theirs).
+
+    ``chips``: one ``[B * F, h, w, 3]`` array per recogniser (``B`` branches of ``F`` face
+    slots, branch-major, as :func:`objective` builds them). The signed step follows the sign
+    of the summed gradient, and the recogniser with the largest gradient decides it: SFace's
+    gradient is 10-45x larger than FaceNet's on celebs faces, so without this FaceNet and
+    dlib steer under a fifth of the pixels (``Config.equalise``). The total is kept, so the
+    LPIPS weight keeps its meaning. Padding slots (zero gradient) stay zero.
+    """
+    return chips
+
+
+def _equalise_fwd(chips):
+    return chips, tuple(c.shape for c in chips)
+
+
+def _equalise_bwd(shapes, cts):
+    faces = min(s[0] for s in shapes)  # F (every model has B * F chips with the same B)
+    per_face = [jnp.sum(jnp.abs(ct).reshape(-1, faces, *ct.shape[1:]), axis=(0, 2, 3, 4)) for ct in cts]  # [F] each
+    mean = sum(per_face) / len(per_face)
+    out = []
+    for ct, l1 in zip(cts, per_face):
+        scale = jnp.where(l1 > 0, mean / jnp.maximum(l1, jnp.float32(1e-30)), jnp.float32(0.0))  # [F]
+        out.append((ct.reshape(-1, faces, *ct.shape[1:]) * scale[None, :, None, None, None]).reshape(ct.shape))
+    return (tuple(out),)
+
+
+equalise_gradients.defvjp(_equalise_fwd, _equalise_bwd)
+
+
 def _shrink(image: jax.Array, max_side: int) -> jax.Array:
     h, w = image.shape[:2]
     s = max_side / max(h, w)
@@ -271,6 +305,7 @@ def objective(
     view_scale: jax.Array | None = None,
     mid_weight: float = 0.0,
     mid_targets: Mapping[str, jax.Array] | None = None,
+    equalise: bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The LowKey objective (to be maximised) and its parts.
 
@@ -297,6 +332,8 @@ def objective(
         (Huang et al. 2019, ILA; Ganeshan et al. 2019, FDA).
       mid_targets: ``clean_mid_features(models, clean, geometry)``; needed when
         ``mid_weight > 0``.
+      equalise: rescale each recogniser's gradient to the same size per face
+        (:func:`equalise_gradients`); the value of the objective is unchanged.
     Returns:
       ``(loss, {"distance": D, "lpips": P})``, scalars.
     """
@@ -312,9 +349,12 @@ def objective(
     terms = []
     dims = {name: targets[name].shape[-1] for name in models}
     mean_dim = sum(dims.values()) / len(dims)
-    for name, model in models.items():
-        # Both branches' chips go through the network in one call: [branches * F] chips.
-        chips = jnp.concatenate([_chips(b, transforms[name], model.chip_size, model.supersample) for b in branches])
+    # Both branches' chips go through each network in one call: [branches * F] chips.
+    all_chips = tuple(jnp.concatenate([_chips(b, transforms[name], model.chip_size, model.supersample)
+                                       for b in branches]) for name, model in models.items())
+    if equalise and len(all_chips) > 1:
+        all_chips = equalise_gradients(all_chips)
+    for (name, model), chips in zip(models.items(), all_chips):
         weight = dims[name] / mean_dim if balance else 1.0
         nb = len(branches)
         if mid_weight > 0:

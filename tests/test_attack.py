@@ -101,6 +101,65 @@ def test_balance_weights_each_recogniser_by_its_feature_dimension(one_face):
     assert single["sface"] > 0 and single["facenet"] > 0
 
 
+def test_equalise_gradients_gives_every_recogniser_the_same_gradient_size_per_face():
+    """``equalise_gradients`` is the identity forward; backward, each model's chip gradient
+    is scaled per face to the mean L1 size of all models' (padding slots stay zero)."""
+    from lowkey_jax.objective import equalise_gradients
+
+    k = jax.random.split(jax.random.key(5), 4)
+    a = jax.random.normal(k[0], (2 * 3, 4, 4, 3))  # 2 branches x 3 face slots
+    b = jax.random.normal(k[1], (2 * 3, 5, 5, 3))
+    wa = jax.random.normal(k[2], a.shape) * 10.0  # model A's gradient is ~10x model B's
+    wb = jax.random.normal(k[3], b.shape) * jnp.asarray([1.0, 1.0, 0.0] * 2)[:, None, None, None]  # slot 2: padding
+
+    def f(chips):
+        ca, cb = chips
+        return jnp.sum(ca * wa) + jnp.sum(cb * wb)
+
+    out = equalise_gradients((a, b))
+    assert all(bool(jnp.array_equal(o, i)) for o, i in zip(out, (a, b)))
+    ga, gb = jax.grad(lambda c: f(equalise_gradients(c)))((a, b))
+    l1 = lambda g: np.abs(np.asarray(g)).reshape(2, 3, -1).sum(axis=(0, 2))  # per face slot
+    la, lb, ra, rb = l1(ga), l1(gb), l1(wa), l1(wb)
+    np.testing.assert_allclose(la[:2], lb[:2], rtol=1e-5)  # equal size per real face
+    np.testing.assert_allclose(la[:2], (ra[:2] + rb[:2]) / 2, rtol=1e-5)  # total kept
+    assert lb[2] == 0 and la[2] == pytest.approx(ra[2] / 2, rel=1e-5)  # a slot only A sees
+    # Direction within each model and face is unchanged (a positive rescale).
+    cos = np.sum(np.asarray(ga) * np.asarray(wa)) / np.linalg.norm(ga) / np.linalg.norm(wa)
+    assert cos > 0.99
+
+
+def test_equalise_keeps_the_objective_and_evens_out_the_models_pixel_gradients(one_face):
+    """On a real photo: ``equalise=True`` leaves the objective's value as it is; its pixel
+    gradient is ``a * g_sface + b * g_facenet`` with the two parts of about equal L1 size,
+    where the plain sum is dominated by SFace's larger gradient."""
+    faces = detect_faces(one_face)
+    p = prepare(0, one_face, faces, FAST)
+    names = ("sface", "facenet")
+    models = {n: Model(load_recognizer(n).embed, load_recognizer(n).input_size) for n in names}
+    lpips = lambda a, b: jnp.zeros((a.shape[0],), jnp.float32)
+    x = jnp.asarray(p.working)
+    geom = _geometry(p)
+    targets = clean_features(models, x, geom)
+    z = jax.random.uniform(jax.random.key(4), x.shape, jnp.float32, -0.03, 0.03)
+
+    def f(z, ms=names, equalise=False):
+        return objective(x + z, x, geom, {n: models[n] for n in ms}, {n: targets[n] for n in ms}, lpips, blur=False,
+                         equalise=equalise)[0]
+
+    assert float(f(z, equalise=True)) == pytest.approx(float(f(z)), rel=1e-6)
+    g = {n: np.asarray(jax.grad(f)(z, (n,))).ravel() for n in names}
+    ge = np.asarray(jax.grad(f)(z, names, True)).ravel()
+    basis = np.stack([g["sface"], g["facenet"]], axis=1)
+    (a, b), *_ = np.linalg.lstsq(basis, ge, rcond=None)
+    assert np.linalg.norm(basis @ [a, b] - ge) <= 1e-3 * np.linalg.norm(ge)
+    l1s, l1f = a * np.abs(g["sface"]).sum(), b * np.abs(g["facenet"]).sum()
+    assert a > 0 and b > 0
+    assert 0.8 < l1s / l1f < 1.25, (l1s, l1f)  # chip-level equal sizes carry over to pixels
+    raw = np.abs(g["sface"]).sum() / np.abs(g["facenet"]).sum()
+    assert raw > 2.0, raw  # what equalising corrects: SFace's gradient is the larger
+
+
 def test_gaussian_smooth_is_a_7x7_sigma3_blur_with_reflect_padding():
     img = np.asarray(jax.random.uniform(jax.random.key(0), (20, 17, 3)), np.float64)
     taps = np.exp(-np.arange(-3, 4) ** 2 / (2 * 3.0**2))

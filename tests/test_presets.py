@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lowkey_jax.presets import DEFAULT_LEVEL, LEVELS, MAX_UNSEEN_MATCH, default_by_rule, matches
+from lowkey_jax.presets import DE_TIE, DEFAULT_LEVEL, LEVELS, MAX_UNSEEN_MATCH, default_by_rule, matches, total_match
 
 SWEEP = Path(__file__).resolve().parents[1] / "docs" / "eval" / "sweep.json"
 
@@ -24,10 +24,27 @@ def test_the_default_is_the_least_visible_setting_that_protects(rows):
     assert chosen["unseen_worst_platform"] <= MAX_UNSEEN_MATCH
     assert DEFAULT_LEVEL == "mid"
     assert matches(LEVELS["mid"], chosen["config"]), (chosen["setting"], LEVELS["mid"])
-    # and nothing less visible protects as well
+    # and nothing less visible protects as well: a less visible row fails the unseen
+    # recognisers, or is as visible (within DE_TIE) and matched more pairs in all
     for r in rows:
-        if r["face_ciede2000_mean"] < chosen["face_ciede2000_mean"]:
-            assert r["unseen_worst_platform"] > MAX_UNSEEN_MATCH, r["setting"]
+        if r["face_ciede2000_mean"] < chosen["face_ciede2000_mean"] and r["unseen_worst_platform"] <= MAX_UNSEEN_MATCH:
+            assert chosen["face_ciede2000_mean"] - r["face_ciede2000_mean"] <= DE_TIE, r["setting"]
+            assert total_match(r) > total_match(chosen), r["setting"]
+
+
+def test_the_rule_breaks_ties_in_visibility_by_total_protection():
+    """Two protecting settings 0.01 apart in face CIEDE2000: the one all recognisers match
+    less wins; 0.2 apart (a visible difference): the less visible one wins."""
+    def row(name, de, unseen, per_model):
+        return {"setting": name, "face_ciede2000_mean": de, "unseen": ["u"], "unseen_worst_platform": unseen,
+                "per_model": {m: {"raw": v, "platform": v} for m, v in per_model.items()}}
+
+    a = row("a", 1.66, 0.04, {"w": 0.10, "u": 0.04})
+    b = row("b", 1.67, 0.06, {"w": 0.00, "u": 0.06})
+    fails = row("c", 1.20, 0.30, {"w": 0.0, "u": 0.30})
+    assert default_by_rule([a, b, fails])["setting"] == "b"
+    assert default_by_rule([dict(a, face_ciede2000_mean=1.47), b, fails])["setting"] == "a"
+    assert default_by_rule([fails]) is None
 
 
 def test_every_preset_was_measured_and_they_are_ordered(rows):

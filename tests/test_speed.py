@@ -221,17 +221,24 @@ def test_second_process_reuses_the_compiled_attack(tmp_path, shared):
     assert fourth["sha"] == first["sha"]
 
 
-def test_a_stored_executable_that_fails_to_run_is_replaced(monkeypatch):
+@pytest.mark.parametrize("segmented", [False, True], ids=["one-call", "progress-segments"])
+def test_a_stored_executable_that_fails_to_run_is_replaced(monkeypatch, segmented):
     """Should a stored attack load but fail when run, the batch is still attacked (compiled
-    afresh, same result) and the entry is deleted."""
+    afresh, same result) and the entry is deleted; also for the segments run when progress
+    is reported (``start`` fails: the whole attack is run again, compiled here)."""
     import jax
 
     A.enable_compilation_cache()
     if not jax.config.jax_compilation_cache_dir:
         pytest.skip("compilation cache turned off in this environment")
+    if segmented:
+        steps = []
+        monkeypatch.setattr(A, "_progress_hook", [lambda step, total: steps.append(step)])
     cfg = A.Config(**TINY)
     p = _prepared(0, 64, 64, 1, face_px=40.0)
     want = A.Attack(cfg).run_batch([p], 0)
+    if segmented:
+        assert steps and steps[-1] == cfg.steps
     seen = []
 
     class Broken:

@@ -79,17 +79,21 @@ def test_objective_jit_equals_eager_and_has_finite_gradient(one_face):
     assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.max(jnp.abs(g))) > 0
 
 
+def _sface_facenet(image: np.ndarray):
+    """SFace + FaceNet on ``image`` at FAST's working size, with a zero LPIPS: (models,
+    lpips, working photo, geometry, clean targets)."""
+    p = prepare(0, image, detect_faces(image), FAST)
+    models = {n: Model(load_recognizer(n).embed, load_recognizer(n).input_size) for n in ("sface", "facenet")}
+    x = jnp.asarray(p.working)
+    geom = _geometry(p)
+    return models, (lambda a, b: jnp.zeros((a.shape[0],), jnp.float32)), x, geom, clean_features(models, x, geom)
+
+
 def test_balance_weights_each_recogniser_by_its_feature_dimension(one_face):
     """``balance``: the distance is the mean of per-model terms weighted by D_m / mean(D)
     (FaceNet 512-D counts 4x SFace's 128-D); off, the reference's plain mean."""
-    faces = detect_faces(one_face)
-    p = prepare(0, one_face, faces, FAST)
     names = ("sface", "facenet")
-    models = {n: Model(load_recognizer(n).embed, load_recognizer(n).input_size) for n in names}
-    lpips = lambda a, b: jnp.zeros((a.shape[0],), jnp.float32)
-    x = jnp.asarray(p.working)
-    geom = _geometry(p)
-    targets = clean_features(models, x, geom)
+    models, lpips, x, geom, targets = _sface_facenet(one_face)
     adv = jnp.clip(x + jax.random.uniform(jax.random.key(3), x.shape, jnp.float32, -0.03, 0.03), 0.0, 1.0)
     single = {n: float(objective(adv, x, geom, {n: models[n]}, {n: targets[n]}, lpips, blur=False)[1]["distance"])
               for n in names}
@@ -133,14 +137,8 @@ def test_equalise_keeps_the_objective_and_evens_out_the_models_pixel_gradients(o
     """On a real photo: ``equalise=True`` leaves the objective's value as it is; its pixel
     gradient is ``a * g_sface + b * g_facenet`` with the two parts of about equal L1 size,
     where the plain sum is dominated by SFace's larger gradient."""
-    faces = detect_faces(one_face)
-    p = prepare(0, one_face, faces, FAST)
     names = ("sface", "facenet")
-    models = {n: Model(load_recognizer(n).embed, load_recognizer(n).input_size) for n in names}
-    lpips = lambda a, b: jnp.zeros((a.shape[0],), jnp.float32)
-    x = jnp.asarray(p.working)
-    geom = _geometry(p)
-    targets = clean_features(models, x, geom)
+    models, lpips, x, geom, targets = _sface_facenet(one_face)
     z = jax.random.uniform(jax.random.key(4), x.shape, jnp.float32, -0.03, 0.03)
 
     def f(z, ms=names, equalise=False):

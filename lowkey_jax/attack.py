@@ -46,6 +46,7 @@ from lowkey_jax import align as _align
 from lowkey_jax import executables
 from lowkey_jax.detect import DETECT_SIDE, detect_faces
 from lowkey_jax.face import Face, face_slots
+from lowkey_jax.models.layers import set_branch_gradient
 from lowkey_jax.objective import (YCBCR_TO_RGB, Geometry, Model, budget_map, clean_features, clean_mid_features,
                                   gaussian_smooth, objective, to_rgb)
 from lowkey_jax.perceptual import load_lpips
@@ -99,6 +100,10 @@ class Config:
       texture: 0..1, strength of the just-noticeable-difference mask on the budget (see
         ``objective.budget_map``): less change on smooth skin, more on hair and edges. Needs
         ``epsilon``.
+      edges: 0..1, how far the texture mask treats edges like smooth skin (``objective.isotropy``;
+        0: edges count as texture, full budget). 1 keeps the outlines of brows, eyes, nose and
+        mouth at the smooth-skin budget, where a change reads as a reshaped feature. Needs
+        ``texture``.
       momentum: decay of the accumulated, L1-normalised gradient (MI-FGSM, Dong et al. 2018;
         0: plain signed gradient as the reference). Momentum steadies the direction over
         steps and is known to make small perturbations transfer better.
@@ -130,6 +135,11 @@ class Config:
         the signed step (``objective.equalise_gradients``; off: the reference's plain sum, in
         which SFace's 10-45x larger gradient decides the sign of most pixels and FaceNet and
         dlib are barely attacked on some faces).
+      skip_grad: the skip gradient method (SGM, Wu et al. 2020): the gradient through every
+        residual branch of the recognisers that have them (dlib, FaceNet, FaceNet-128) is
+        multiplied by this factor, so more of it takes the skip connections
+        (``models.layers.scale_gradient``; 1: off, as the reference). Known to make
+        perturbations transfer to unseen networks. The embeddings are unchanged.
     """
 
     steps: int = 50
@@ -150,6 +160,7 @@ class Config:
     epsilon: float | None = None
     chroma: float | None = None
     texture: float = 0.0
+    edges: float = 0.0
     momentum: float = 0.0
     smooth_grad: float = 0.0
     precision: str = "highest"
@@ -158,6 +169,7 @@ class Config:
     rescale: float = 0.0
     mid_weight: float = 0.0
     equalise: bool = False
+    skip_grad: float = 1.0
 
     @classmethod
     def preset(cls, level: str = "mid", **overrides) -> "Config":
@@ -192,10 +204,16 @@ class Config:
             raise ValueError("texture must be in [0, 1]")
         if self.texture > 0 and self.epsilon is None:
             raise ValueError("texture shapes the budget: set epsilon as well")
+        if not 0.0 <= self.edges <= 1.0:
+            raise ValueError("edges must be in [0, 1]")
+        if self.edges > 0 and self.texture == 0:
+            raise ValueError("edges shapes the texture mask: set texture as well")
         if not 32 <= self.lpips_face_side <= 512:
             raise ValueError("lpips_face_side must be in [32, 512] pixels")
         if not 0.0 <= self.rescale <= 0.75:
             raise ValueError("rescale must be in [0, 0.75]")
+        if not 0.0 < self.skip_grad <= 1.0:
+            raise ValueError("skip_grad must be in (0, 1]")
         if not 0.0 <= self.mid_weight <= 100.0:
             raise ValueError("mid_weight must be in [0, 100]")
         if not 0.0 <= self.momentum < 1.0:
@@ -516,7 +534,11 @@ class Attack:
         self.lpips = load_lpips("alex")
         graphdefs, params = {}, {}
         for name, rec in self.recognizers.items():
-            graphdefs[name], params[name] = nnx.split(rec.module)
+            module = rec.module
+            if self.config.skip_grad != 1.0:  # a copy: the loaded recogniser is shared
+                module = nnx.clone(module)
+                set_branch_gradient(module, self.config.skip_grad)
+            graphdefs[name], params[name] = nnx.split(module)
         graphdefs["lpips"], params["lpips"] = nnx.split(self.lpips)
         self._graphdefs = graphdefs
         self.mesh = Mesh(np.asarray(jax.devices()), ("batch",))
@@ -688,7 +710,7 @@ def _project_to_budget(working: np.ndarray, perturbed: np.ndarray, config: Confi
     projected into the budget of ``config`` (``epsilon``, ``chroma``, ``texture``), in the
     coordinates the attack optimises."""
     x = jnp.asarray(working)
-    bound = budget_map(x, config.epsilon, config.texture, config.chroma)
+    bound = budget_map(x, config.epsilon, config.texture, config.chroma, config.edges)
     delta = jnp.asarray(perturbed) - x
     z = delta if config.chroma is None else delta @ jnp.linalg.inv(jnp.asarray(YCBCR_TO_RGB, jnp.float32)).T
     z = jnp.clip(z, -bound, bound)
@@ -749,7 +771,7 @@ def _bound(x, mask, config: Config):
     """Per-pixel budget of the optimisation variables, or None (no budget)."""
     if config.epsilon is None:
         return None
-    return budget_map(x, config.epsilon, config.texture, config.chroma) * mask
+    return budget_map(x, config.epsilon, config.texture, config.chroma, config.edges) * mask
 
 
 def _start_one(x, mask, key, config: Config):

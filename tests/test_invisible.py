@@ -8,13 +8,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 import pytest
 from PIL import Image, ImageOps
 
 from lowkey_jax.attack import Attack, Config, _optimiser, cloak, prepare
 from lowkey_jax.detect import detect_faces
-from lowkey_jax.objective import (YCBCR_TO_RGB, _chips, _denser, budget_map, downscaled_view, local_contrast,
+from lowkey_jax.objective import (YCBCR_TO_RGB, _chips, _denser, budget_map, downscaled_view, isotropy, local_contrast,
                                   mid_distance, to_rgb)
+from lowkey_jax.models.layers import scale_gradient, set_branch_gradient
 from lowkey_jax.recognizers import RECOGNIZERS, load_recognizer
 
 EPS = 3.0 / 255.0
@@ -44,10 +46,10 @@ def _unclipped(x: np.ndarray, margin: float) -> np.ndarray:
 def test_config_validates_the_new_settings():
     for bad in (dict(epsilon=0.0), dict(epsilon=2.0), dict(chroma=-0.1), dict(texture=0.5), dict(texture=1.5, epsilon=0.01),
                 dict(momentum=1.0), dict(smooth_grad=-1.0), dict(rescale=-0.1), dict(rescale=0.8), dict(mid_weight=-1.0),
-                dict(lpips_face_side=16)):
+                dict(lpips_face_side=16), dict(skip_grad=0.0), dict(skip_grad=1.5), dict(edges=0.5, texture=0.0, epsilon=0.01), dict(edges=1.5, texture=0.5, epsilon=0.01)):
         with pytest.raises(ValueError):
             Config(**bad)
-    Config(epsilon=EPS, chroma=0.25, texture=0.75, momentum=0.9, smooth_grad=1.0, rescale=0.5)  # valid
+    Config(epsilon=EPS, chroma=0.25, texture=0.75, edges=1.0, momentum=0.9, smooth_grad=1.0, rescale=0.5)  # valid
 
 
 def test_ycbcr_round_trip_and_luma_only_is_grey():
@@ -73,6 +75,26 @@ def test_texture_mask_gives_flat_regions_less_budget():
     np.testing.assert_allclose(b[:, 44:, 0], EPS, rtol=1e-5)
     np.testing.assert_allclose(b[..., 1], 0.25 * b[..., 0], rtol=1e-6)
     np.testing.assert_allclose(np.asarray(budget_map(img, EPS, 0.0, None)), EPS, rtol=1e-6)
+
+
+def test_edge_protection_takes_the_budget_off_edges_but_not_off_texture():
+    # Left: a vertical step edge (one direction); right: noise (no main direction).
+    step = jnp.concatenate([jnp.full((48, 24, 3), 0.3, jnp.float32), jnp.full((48, 24, 3), 0.7, jnp.float32)], axis=1)
+    noisy = jnp.clip(0.5 + 0.2 * jax.random.normal(jax.random.key(1), (48, 48, 3)), 0.0, 1.0)
+    img = jnp.concatenate([step, noisy], axis=1)
+    iso = np.asarray(isotropy(img))[..., 0]
+    assert iso.min() >= 0.0 and iso.max() <= 1.0 + 1e-6
+    assert iso[8:40, 22:26].max() < 1e-3  # on the edge
+    assert iso[8:40, 2:10].min() > 0.999  # flat: no structure at all
+    assert np.median(iso[8:40, 60:90]) > 0.5  # noise
+    plain = np.asarray(budget_map(img, EPS, 0.75, 0.25))[..., 0]
+    protected = np.asarray(budget_map(img, EPS, 0.75, 0.25, edges=1.0))[..., 0]
+    np.testing.assert_allclose(plain[8:40, 22:26], EPS, rtol=1e-5)  # edges: full budget by contrast alone
+    np.testing.assert_allclose(protected[8:40, 22:26], 0.25 * EPS, rtol=1e-2)  # ... smooth skin's with edges=1
+    np.testing.assert_allclose(protected[:, :10], plain[:, :10], rtol=1e-6)  # flat: unchanged
+    assert np.median(protected[8:40, 60:90]) > 0.75 * EPS  # texture keeps most of it
+    half = np.asarray(budget_map(img, EPS, 0.75, 0.25, edges=0.5))[..., 0]
+    np.testing.assert_allclose(half[8:40, 22:26], 0.625 * EPS, rtol=1e-2)
 
 
 def test_downscaled_view_shows_the_same_face_smaller():
@@ -107,6 +129,32 @@ def test_every_recogniser_gives_its_intermediate_map(name):
     assert float(jnp.std(inner[0] - inner[1])) > 0  # depends on the chip
 
 
+@pytest.mark.parametrize("name, blocks", [("dlib", 14), ("facenet", 21), ("facenet128", 21), ("sface", 0),
+                                         ("arcface-mobilenet", 0)])
+def test_skip_gradient_keeps_the_embedding_and_damps_the_residual_branches(name, blocks):
+    r = load_recognizer(name)
+    module = nnx.clone(r.module)
+    assert set_branch_gradient(module, 0.5) == blocks
+    chips = jax.random.uniform(jax.random.key(0), (2, *r.input_size, 3), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(module(chips)), np.asarray(r.module(chips)))  # forward unchanged
+    loss = lambda m, c: jnp.sum(m(c)[0] * m(c)[1])
+    g0, g1 = (np.asarray(jax.grad(loss, argnums=1)(m, chips)).ravel() for m in (r.module, module))
+    cos = float(g0 @ g1 / np.linalg.norm(g0) / np.linalg.norm(g1))
+    if blocks:
+        assert cos < 0.999 and np.linalg.norm(g1) < np.linalg.norm(g0), cos  # the gradient is another one
+    else:
+        np.testing.assert_array_equal(g1, g0)
+    assert all(getattr(sub, "branch_grad", 1.0) == 1.0 for _, sub in nnx.iter_graph(r.module))  # the shared one untouched
+
+
+def test_scale_gradient_scales_only_the_gradient():
+    x = jnp.arange(4.0, dtype=jnp.float32)
+    f = lambda x, k: jnp.sum(scale_gradient(x * x, k))
+    assert float(f(x, 0.25)) == float(f(x, 1.0)) == 14.0
+    np.testing.assert_allclose(np.asarray(jax.grad(f)(x, 0.25)), 0.25 * 2 * np.arange(4.0))
+    assert scale_gradient(x, 1.0) is x
+
+
 def test_mid_distance_is_relative_and_ignores_padding_slots():
     clean = jax.random.normal(jax.random.key(0), (2, 3, 4, 4, 8), jnp.float32)  # [chip/flip, F, ...]
     assert float(mid_distance(clean, clean, jnp.ones((3,)))) == 0.0
@@ -127,12 +175,13 @@ def test_lpips_face_crops_on_a_finer_grid_cover_the_same_area():
     assert np.abs(pooled - c112).max() < 0.01  # same area, twice the samples per side
 
 
-@pytest.mark.parametrize("option", [dict(rescale=0.5), dict(mid_weight=1.0), dict(lpips_face_side=224)],
-                         ids=["rescale", "mid_weight", "lpips_face_side"])
+@pytest.mark.parametrize("option", [dict(rescale=0.5), dict(mid_weight=1.0), dict(lpips_face_side=224),
+                                    dict(skip_grad=0.5, models=("dlib",))],
+                         ids=["rescale", "mid_weight", "lpips_face_side", "skip_grad"])
 def test_transfer_options_change_the_attack_and_keep_the_budget(photo, option):
-    base = dict(SMALL, epsilon=EPS, chroma=0.25)
+    base = dict(SMALL, epsilon=EPS, chroma=0.25, models=option.get("models", SMALL["models"]))
     d0, x = _delta(photo, Config(**base))
-    d1, _ = _delta(photo, Config(**base, **option))
+    d1, _ = _delta(photo, Config(**{**base, **option}))
     assert np.abs(d1 - d0).max() > 1e-4
     ok = _unclipped(x, 2 * EPS)
     z = d1 @ np.linalg.inv(np.asarray(YCBCR_TO_RGB)).T

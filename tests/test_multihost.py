@@ -22,17 +22,18 @@ import json, sys
 import numpy as np
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
-port, pid, n, photo, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+port, pid, n, photo, out, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], int(sys.argv[6])
 if n > 1:
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=n, process_id=pid)
 from lowkey_jax.attack import Config, _get_attack, cloak
 img = np.load(photo)
-cfg = Config(models=("sface",), steps=2, blur=False)
-r = cloak([img], cfg, evaluate=False)[0]
+cfg = Config(models=("sface",), steps=abs(steps), blur=False)
+seen = []  # steps < 0: with a progress callback (the segmented attack, as the web app runs it)
+r = cloak([img], cfg, evaluate=False, progress=(lambda s, t: seen.append([s, t])) if steps < 0 else None)[0]
 np.save(out, r.image)
 attack = _get_attack(cfg)
 print(json.dumps({"processes": jax.process_count(), "devices": jax.device_count(),
-                  "mesh": attack.n_devices, "faces": len(r.faces), "distance": r.distance}))
+                  "mesh": attack.n_devices, "faces": len(r.faces), "distance": r.distance, "progress": seen}))
 """
 
 
@@ -48,7 +49,11 @@ def _env(tmp_path: Path) -> dict:
     return env
 
 
-def test_two_processes_each_get_their_own_cloak(tmp_path, shared):
+@pytest.mark.parametrize("steps", [2, -7], ids=["one-call", "progress-segments"])
+def test_two_processes_each_get_their_own_cloak(tmp_path, shared, steps):
+    """steps 2: the attack in one call (the CLI); -7: 7 steps with a progress callback, run
+    as compiled segments of 5 and 2 steps with progress reported between them (the web
+    app's and library's path), in every process."""
     base = Image.open(shared / "faces" / "celebs" / "img25.jpg").convert("RGB").resize((192, 192), Image.BILINEAR)
     photos = [np.asarray(base), np.asarray(base.transpose(Image.FLIP_LEFT_RIGHT))]  # same shape, one face each
     paths = []
@@ -57,12 +62,13 @@ def test_two_processes_each_get_their_own_cloak(tmp_path, shared):
         np.save(paths[-1], p)
     port = _free_port()
     procs = [
-        subprocess.Popen([sys.executable, "-c", _WORKER, str(port), str(i), "2", str(paths[i]), str(tmp_path / f"out{i}.npy")],
+        subprocess.Popen([sys.executable, "-c", _WORKER, str(port), str(i), "2", str(paths[i]), str(tmp_path / f"out{i}.npy"),
+                          str(steps)],
                          env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)
     ]
     # the same photo alone in one process, run alongside: the reference
-    ref = subprocess.Popen([sys.executable, "-c", _WORKER, "0", "0", "1", str(paths[1]), str(tmp_path / "ref1.npy")],
+    ref = subprocess.Popen([sys.executable, "-c", _WORKER, "0", "0", "1", str(paths[1]), str(tmp_path / "ref1.npy"), str(steps)],
                            env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     procs.append(ref)
     outs = []
@@ -77,6 +83,7 @@ def test_two_processes_each_get_their_own_cloak(tmp_path, shared):
                 p.kill()
     assert [o["processes"] for o in outs] == [2, 2, 1] and [o["mesh"] for o in outs] == [2, 2, 1]
     assert [o["faces"] for o in outs] == [1, 1, 1]
+    assert all(o["progress"] == ([[5, 7], [7, 7]] if steps < 0 else []) for o in outs), [o["progress"] for o in outs]
     # the two-process cloak of photo 1 equals the one-process one (per-photo keys do not
     # depend on the batch), up to float summation differences of one grey level
     got = [np.load(tmp_path / f"out{i}.npy") for i in range(2)]

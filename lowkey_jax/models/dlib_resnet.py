@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lowkey_jax.models.layers import conv_general_dilated, max_pool, run_layers
+from lowkey_jax.models.layers import conv_general_dilated, max_pool, run_layers, scale_gradient
 
 __all__ = [
     "DlibResNet",
@@ -172,10 +172,11 @@ class ResBlock(nnx.Module):
         self.conv2 = Conv(cout, cout, 3, stride=1, rngs=rngs)
         self.affine2 = Affine(cout)
         self.stride = stride
+        self.branch_grad = 1.0  # gradient factor on the residual branch (layers.scale_gradient)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = jax.nn.relu(self.affine1(self.conv1(x)))
-        y = self.affine2(self.conv2(y))
+        y = scale_gradient(self.affine2(self.conv2(y)), self.branch_grad)
         if self.stride == 1:
             return jax.nn.relu(y + x)
         return jax.nn.relu(add_prev(y, _avg_pool(x, 2, 2)))

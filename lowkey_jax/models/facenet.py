@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lowkey_jax.models.layers import conv_general_dilated, max_pool
+from lowkey_jax.models.layers import conv_general_dilated, max_pool, scale_gradient
 
 __all__ = [
     "FaceNet",
@@ -197,13 +197,14 @@ class Block35(nnx.Module):
         self.branch_2_0c = _conv(32, 32, (3, 3), same=True, rngs=rngs)
         self.conv2d_1x1 = _conv(96, c, (1, 1), same=True, relu=False, rngs=rngs)
         self.scale = BLOCK35_SCALE
+        self.branch_grad = 1.0  # gradient factor on the residual branch (layers.scale_gradient)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b0 = self.branch_0(x)
         b1 = self.branch_1_0b(self.branch_1_0a(x))
         b2 = self.branch_2_0c(self.branch_2_0b(self.branch_2_0a(x)))
         up = self.conv2d_1x1(jnp.concatenate([b0, b1, b2], axis=3))
-        return jax.nn.relu(x + self.scale * up)
+        return jax.nn.relu(x + self.scale * scale_gradient(up, self.branch_grad))
 
 
 class Block17(nnx.Module):
@@ -216,12 +217,13 @@ class Block17(nnx.Module):
         self.branch_1_0c = _conv(128, 128, (7, 1), same=True, rngs=rngs)
         self.conv2d_1x1 = _conv(256, c, (1, 1), same=True, relu=False, rngs=rngs)
         self.scale = BLOCK17_SCALE
+        self.branch_grad = 1.0  # gradient factor on the residual branch (layers.scale_gradient)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b0 = self.branch_0(x)
         b1 = self.branch_1_0c(self.branch_1_0b(self.branch_1_0a(x)))
         up = self.conv2d_1x1(jnp.concatenate([b0, b1], axis=3))
-        return jax.nn.relu(x + self.scale * up)
+        return jax.nn.relu(x + self.scale * scale_gradient(up, self.branch_grad))
 
 
 class Block8(nnx.Module):
@@ -239,12 +241,13 @@ class Block8(nnx.Module):
         self.conv2d_1x1 = _conv(384, c, (1, 1), same=True, relu=False, rngs=rngs)
         self.scale = scale
         self.relu = relu
+        self.branch_grad = 1.0  # gradient factor on the residual branch (layers.scale_gradient)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b0 = self.branch_0(x)
         b1 = self.branch_1_0c(self.branch_1_0b(self.branch_1_0a(x)))
         up = self.conv2d_1x1(jnp.concatenate([b0, b1], axis=3))
-        y = x + self.scale * up
+        y = x + self.scale * scale_gradient(up, self.branch_grad)
         return jax.nn.relu(y) if self.relu else y
 
 

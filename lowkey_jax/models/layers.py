@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["conv_general_dilated", "depthwise_conv", "max_pool", "cpu_rewrites", "force_cpu_rewrites"]
+__all__ = ["conv_general_dilated", "depthwise_conv", "max_pool", "cpu_rewrites", "force_cpu_rewrites", "scale_gradient",
+           "set_branch_gradient"]
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 REWRITES_ENV = "LOWKEY_JAX_CPU_REWRITES"
@@ -310,3 +311,46 @@ def run_layers(layers, x: jax.Array, mid_index: int) -> tuple[jax.Array, jax.Arr
         if i == mid_index:
             inner = x
     return x, inner
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _scale_gradient(x: jax.Array, factor: float) -> jax.Array:
+    return x
+
+
+def _scale_fwd(x, factor):
+    return x, None
+
+
+def _scale_bwd(factor, _, g):
+    return (g * jnp.asarray(factor, g.dtype),)
+
+
+_scale_gradient.defvjp(_scale_fwd, _scale_bwd)
+
+
+def scale_gradient(x: jax.Array, factor: float) -> jax.Array:
+    """``x`` unchanged; its gradient multiplied by the static ``factor`` (1: a no-op).
+
+    Residual blocks put it on their branch (``branch_grad``): the skip gradient method
+    (SGM, Wu et al. 2020, "Skip connections matter") decays the gradient that flows
+    through residual branches, so more of it takes the skip connections, which is known to
+    make adversarial perturbations transfer better to other networks. The forward pass,
+    and so every embedding, is unchanged.
+    """
+    factor = float(factor)
+    return x if factor == 1.0 else _scale_gradient(x, factor)
+
+
+def set_branch_gradient(module, factor: float) -> int:
+    """Set ``branch_grad`` on every residual block of ``module`` (an NNX module tree) to
+    ``factor`` (see :func:`scale_gradient`); returns how many blocks have it (0: a network
+    without residual branches, left as it is)."""
+    from flax import nnx
+
+    n = 0
+    for _, sub in nnx.iter_graph(module):
+        if isinstance(sub, nnx.Module) and hasattr(sub, "branch_grad"):
+            sub.branch_grad = float(factor)
+            n += 1
+    return n

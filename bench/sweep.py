@@ -76,6 +76,7 @@ SETTINGS: dict[str, dict] = {
     "eps10-shaped-jit-lp224-s30": budgeted(10, jitter=0.05, momentum=0.0, lpips_face_side=224, steps=30),
     "eps10-shaped-jit-lp224-edge": budgeted(10, jitter=0.05, momentum=0.0, lpips_face_side=224, edges=1.0),
     "eps16-shaped-jit-lp224-edge": budgeted(16, jitter=0.05, momentum=0.0, lpips_face_side=224, edges=1.0),
+    "eps10-shaped-jit-lp224-r2": budgeted(10, jitter=0.05, momentum=0.0, lpips_face_side=224, restarts=2),
 }
 
 # Leave-one-out: ``<setting>-loo-<model>`` is the setting attacking with every recogniser but

@@ -710,7 +710,7 @@ def _project_to_budget(working: np.ndarray, perturbed: np.ndarray, config: Confi
     projected into the budget of ``config`` (``epsilon``, ``chroma``, ``texture``), in the
     coordinates the attack optimises."""
     x = jnp.asarray(working)
-    bound = budget_map(x, config.epsilon, config.texture, config.chroma, config.edges)
+    bound = _budget(x, config)
     delta = jnp.asarray(perturbed) - x
     z = delta if config.chroma is None else delta @ jnp.linalg.inv(jnp.asarray(YCBCR_TO_RGB, jnp.float32)).T
     z = jnp.clip(z, -bound, bound)
@@ -767,11 +767,16 @@ def _targets(x, geom, models, config: Config):
     return targets, mids
 
 
+def _budget(x, config: Config):
+    """``objective.budget_map`` of the clean photo ``x`` with ``config``'s shaping."""
+    return budget_map(x, config.epsilon, config.texture, config.chroma, config.edges)
+
+
 def _bound(x, mask, config: Config):
     """Per-pixel budget of the optimisation variables, or None (no budget)."""
     if config.epsilon is None:
         return None
-    return budget_map(x, config.epsilon, config.texture, config.chroma, config.edges) * mask
+    return _budget(x, config) * mask
 
 
 def _start_one(x, mask, key, config: Config):

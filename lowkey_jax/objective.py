@@ -394,13 +394,18 @@ def to_rgb(z: jax.Array, chroma: float | None) -> jax.Array:
     return z @ jnp.asarray(YCBCR_TO_RGB, jnp.float32).T
 
 
+def _luma(image: jax.Array) -> jax.Array:
+    """ITU-R BT.601 luminance ``[H, W]`` of an RGB image ``[H, W, 3]``."""
+    return image @ jnp.asarray([0.299, 0.587, 0.114], jnp.float32)
+
+
 def local_contrast(image: jax.Array, sigma: float = 2.0, kernel: int = 9) -> jax.Array:
     """Local standard deviation of luminance, ``[H, W, 3]`` in [0, 1] -> ``[H, W, 1]``.
 
     Computed with the same reflect-padded Gaussian as :func:`gaussian_smooth`; a texture
     measure for the just-noticeable-difference mask of :func:`budget_map`.
     """
-    y = image @ jnp.asarray([0.299, 0.587, 0.114], jnp.float32)
+    y = _luma(image)
     y3 = jnp.stack([y, y * y, y], axis=-1)  # gaussian_smooth works on 3 channels
     m = gaussian_smooth(y3, sigma, kernel)
     var = jnp.maximum(m[..., 1] - m[..., 0] ** 2, jnp.float32(0.0))
@@ -422,15 +427,15 @@ def isotropy(image: jax.Array, sigma: float = 2.0, kernel: int = 9) -> jax.Array
     just-noticeable-difference models, e.g. Yang et al. 2005), and a change at a facial
     feature's outline reshapes the feature.
     """
-    y = image @ jnp.asarray([0.299, 0.587, 0.114], jnp.float32)
-    yp = jnp.pad(y, 1, mode="edge")
+    yp = jnp.pad(_luma(image), 1, mode="edge")
     gx = 0.5 * (yp[1:-1, 2:] - yp[1:-1, :-2])
     gy = 0.5 * (yp[2:, 1:-1] - yp[:-2, 1:-1])
     j = gaussian_smooth(jnp.stack([gx * gx, gx * gy, gy * gy], axis=-1), sigma, kernel)
     trace = j[..., 0] + j[..., 2]
     root = jnp.sqrt((j[..., 0] - j[..., 2]) ** 2 + 4.0 * j[..., 1] ** 2)
     small = jnp.maximum(trace - root, jnp.float32(0.0))  # 2 * l2
-    return (small / jnp.maximum(trace, jnp.float32(1e-8)) + jnp.where(trace > 1e-8, 0.0, 1.0))[..., None]
+    flat = trace <= 1e-8
+    return jnp.where(flat, jnp.float32(1.0), small / jnp.where(flat, jnp.float32(1.0), trace))[..., None]
 
 
 def budget_map(clean: jax.Array, epsilon: float, texture: float, chroma: float | None, edges: float = 0.0) -> jax.Array:

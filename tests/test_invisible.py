@@ -8,15 +8,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 import pytest
+from flax import nnx
 from PIL import Image, ImageOps
 
 from lowkey_jax.attack import Attack, Config, _optimiser, cloak, prepare
 from lowkey_jax.detect import detect_faces
+from lowkey_jax.models.layers import scale_gradient, set_branch_gradient
 from lowkey_jax.objective import (YCBCR_TO_RGB, _chips, _denser, budget_map, downscaled_view, isotropy, local_contrast,
                                   mid_distance, to_rgb)
-from lowkey_jax.models.layers import scale_gradient, set_branch_gradient
 from lowkey_jax.recognizers import RECOGNIZERS, load_recognizer
 
 EPS = 3.0 / 255.0
@@ -46,7 +46,8 @@ def _unclipped(x: np.ndarray, margin: float) -> np.ndarray:
 def test_config_validates_the_new_settings():
     for bad in (dict(epsilon=0.0), dict(epsilon=2.0), dict(chroma=-0.1), dict(texture=0.5), dict(texture=1.5, epsilon=0.01),
                 dict(momentum=1.0), dict(smooth_grad=-1.0), dict(rescale=-0.1), dict(rescale=0.8), dict(mid_weight=-1.0),
-                dict(lpips_face_side=16), dict(skip_grad=0.0), dict(skip_grad=1.5), dict(edges=0.5, texture=0.0, epsilon=0.01), dict(edges=1.5, texture=0.5, epsilon=0.01)):
+                dict(lpips_face_side=16), dict(skip_grad=0.0), dict(skip_grad=1.5),
+                dict(edges=0.5, texture=0.0, epsilon=0.01), dict(edges=1.5, texture=0.5, epsilon=0.01)):
         with pytest.raises(ValueError):
             Config(**bad)
     Config(epsilon=EPS, chroma=0.25, texture=0.75, edges=1.0, momentum=0.9, smooth_grad=1.0, rescale=0.5)  # valid
@@ -87,6 +88,8 @@ def test_edge_protection_takes_the_budget_off_edges_but_not_off_texture():
     assert iso[8:40, 22:26].max() < 1e-3  # on the edge
     assert iso[8:40, 2:10].min() > 0.999  # flat: no structure at all
     assert np.median(iso[8:40, 60:90]) > 0.5  # noise
+    faint = 0.5 + 1e-5 * jax.random.normal(jax.random.key(2), (16, 16, 3))  # structure too weak to count
+    assert np.abs(np.asarray(isotropy(faint)) - 1.0).max() < 1e-6
     plain = np.asarray(budget_map(img, EPS, 0.75, 0.25))[..., 0]
     protected = np.asarray(budget_map(img, EPS, 0.75, 0.25, edges=1.0))[..., 0]
     np.testing.assert_allclose(plain[8:40, 22:26], EPS, rtol=1e-5)  # edges: full budget by contrast alone

@@ -77,6 +77,8 @@ SETTINGS: dict[str, dict] = {
     "eps10-shaped-jit-lp224-edge": budgeted(10, jitter=0.05, momentum=0.0, lpips_face_side=224, edges=1.0),
     "eps16-shaped-jit-lp224-edge": budgeted(16, jitter=0.05, momentum=0.0, lpips_face_side=224, edges=1.0),
     "eps10-shaped-jit-lp224-r2": budgeted(10, jitter=0.05, momentum=0.0, lpips_face_side=224, restarts=2),
+    # one orientation per chip and step instead of chip + flip every step: half the recognisers' work
+    "eps10-shaped-jit-lp224-rflip": budgeted(10, jitter=0.05, momentum=0.0, lpips_face_side=224, flip="random"),
 }
 
 # Leave-one-out: ``<setting>-loo-<model>`` is the setting attacking with every recogniser but
@@ -343,9 +345,11 @@ def leave_one_out(results: dict) -> list[dict]:
     match rate when the attack never saw it (from ``<setting>-loo-<model>``, or from the
     setting itself when the model is outside its ensemble)."""
     out = []
+    defaults = dataclasses.asdict(Config())
     for base in LOO_OF:
         cfg = dataclasses.asdict(Config(**base_setting(base)))
-        same = lambda c: {k: v for k, v in c.items() if k not in ("models", *NOT_COMPARED)}
+        # a field missing from a stored config did not exist yet: it ran at the default
+        same = lambda c: {k: v for k, v in {**defaults, **c}.items() if k not in ("models", *NOT_COMPARED)}
         for m in RECOGNIZERS:
             src = f"{base}{LOO}{m}" if m in cfg["models"] else base
             if src not in results:

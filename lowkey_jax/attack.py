@@ -48,7 +48,7 @@ from lowkey_jax.detect import DETECT_SIDE, detect_faces
 from lowkey_jax.face import Face, face_slots
 from lowkey_jax.models.layers import set_branch_gradient
 from lowkey_jax.objective import (YCBCR_TO_RGB, Geometry, Model, budget_map, clean_features, clean_mid_features,
-                                  gaussian_smooth, objective, to_rgb)
+                                  gaussian_smooth, objective, oriented_features, to_rgb)
 from lowkey_jax.perceptual import load_lpips
 from lowkey_jax.pipeline import psnr, verdicts_many
 from lowkey_jax.quality import face_quality
@@ -60,6 +60,7 @@ __all__ = ["Config", "Result", "Attack", "cloak", "prepare", "bucket_shape", "en
 # folder of mixed photos compiles a handful of times rather than once per photo.
 BUCKET_SIDES = (256, 384, 512, 768, 1024)
 PRECISIONS = ("highest", "high", "default")
+FLIPS = ("both", "random")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +141,12 @@ class Config:
         multiplied by this factor, so more of it takes the skip connections
         (``models.layers.scale_gradient``; 1: off, as the reference). Known to make
         perturbations transfer to unseen networks. The embeddings are unchanged.
+      flip: ``"both"`` (the reference): every step every recogniser sees each chip and its
+        horizontal flip, and compares the normalised sum of their embeddings. ``"random"``:
+        every step each chip is seen in one orientation drawn at random (each with its own
+        clean target, ``objective.oriented_features``), so the flip is averaged over steps
+        rather than within each: half the recognisers' work per step. Not with
+        ``mid_weight``.
     """
 
     steps: int = 50
@@ -170,6 +177,7 @@ class Config:
     mid_weight: float = 0.0
     equalise: bool = False
     skip_grad: float = 1.0
+    flip: str = "both"
 
     @classmethod
     def preset(cls, level: str = "mid", **overrides) -> "Config":
@@ -220,6 +228,10 @@ class Config:
             raise ValueError("momentum must be in [0, 1)")
         if not 0.0 <= self.smooth_grad <= 10.0:
             raise ValueError("smooth_grad must be in [0, 10] pixels")
+        if self.flip not in FLIPS:
+            raise ValueError(f"flip must be one of {FLIPS}, got {self.flip!r}")
+        if self.flip != "both" and self.mid_weight > 0:
+            raise ValueError("mid_weight needs flip='both' (the feature-level term compares both orientations)")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
@@ -273,18 +285,8 @@ class Result:
 # few MB for a handful of photo shapes).
 CACHE_MIN_COMPILE_SECONDS = 0.0
 EXECUTABLES_DIR = "attack"  # whole compiled attacks, under the compilation cache directory
-NO_CACHE_ENV = "LOWKEY_JAX_NO_COMPILE_CACHE"
-
-
-def compilation_cache_dir():
-    """Where compiled programs are cached: ``$LOWKEY_JAX_HOME/xla-cache`` (default
-    ``~/.cache/lowkey-jax/xla-cache``), or None when ``$LOWKEY_JAX_NO_COMPILE_CACHE`` is set
-    to anything but ``""``/``0``."""
-    if os.environ.get(NO_CACHE_ENV, "") not in ("", "0"):
-        return None
-    from lowkey_jax.store import home
-
-    return home() / "xla-cache"
+NO_CACHE_ENV = executables.NO_CACHE_ENV
+compilation_cache_dir = executables.compilation_cache_dir
 
 
 def enable_compilation_cache() -> str | None:
@@ -582,17 +584,10 @@ class Attack:
             return fn
         config = dataclasses.replace(self.config, seed=0, restarts=1, batch_size=1)
         path = Path(cache_dir) / EXECUTABLES_DIR / f"{executables.key(config, sig)}.bin"
-        exe = executables.load(path, args)
-        if exe is not None:
+        exe, loaded = executables.load_or_compile(fn, args, path, jax_cache=executables.own_jax_cache(),
+                                                  name=_PROGRAMS[program][0].__name__)
+        if loaded:
             self._loaded[sig] = path
-        else:
-            with executables.CompileWatch() as watch:
-                exe = fn.lower(*args).compile()
-            if not watch.hits:  # compiled here (one read back from JAX's cache cannot be stored)
-                executables.store(path, exe)
-            own = compilation_cache_dir()
-            if own is not None and Path(cache_dir) == own:  # JAX's copy would shadow ours next time
-                executables.drop_jax_entries(own, _PROGRAMS[program][0].__name__)
         self._executables[sig] = exe
         return exe
 
@@ -760,7 +755,8 @@ def _setup(params, config: Config, graphdefs, chips):
 
 def _targets(x, geom, models, config: Config):
     """The clean photo's features (and intermediate maps when ``mid_weight``), constants."""
-    targets = jax.tree.map(jax.lax.stop_gradient, clean_features(models, x, geom))
+    features = oriented_features if config.flip == "random" else clean_features
+    targets = jax.tree.map(jax.lax.stop_gradient, features(models, x, geom))
     mids = None
     if config.mid_weight > 0:
         mids = jax.tree.map(jax.lax.stop_gradient, clean_mid_features(models, x, geom))
@@ -789,6 +785,12 @@ def _start_one(x, mask, key, config: Config):
     return z, _optimiser(config).init(z)
 
 
+def _orientation(key, config: Config, geom: Geometry) -> dict[str, jax.Array]:
+    """A random orientation (True: flipped) for every recogniser, branch and face slot."""
+    shape = (2 if config.blur else 1, geom.mask.shape[0])
+    return {name: jax.random.bernoulli(jax.random.fold_in(key, n), 0.5, shape) for n, name in enumerate(config.models)}
+
+
 def _steps_one(x, mask, geom, key, z, state, targets, first, last, setup, config: Config):
     """Steps ``first <= i < last`` of the signed ascent on one photo: ``(z, state)`` after.
     ``targets``: ``_targets`` of the clean photo."""
@@ -797,9 +799,9 @@ def _steps_one(x, mask, geom, key, z, state, targets, first, last, setup, config
     bound = _bound(x, mask, config)
     optimiser = _optimiser(config)
 
-    def negative(z, g=geom, view_scale=None):
+    def negative(z, g=geom, view_scale=None, orientation=None):
         loss, aux = objective(x + to_rgb(z, config.chroma), x, g, models, targets, lpips, view_scale=view_scale,
-                              mid_targets=mids, **kwargs)
+                              mid_targets=mids, orientation=orientation, **kwargs)
         return -loss, aux
 
     def step(i, carry):
@@ -811,7 +813,10 @@ def _steps_one(x, mask, geom, key, z, state, targets, first, last, setup, config
         if config.rescale > 0:  # a fresh smaller view each step (see Config.rescale)
             u = jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, 2), i), (), jnp.float32)
             view_scale = 1.0 - config.rescale * u
-        grad, _ = jax.grad(negative, has_aux=True)(z, g, view_scale)
+        orientation = None
+        if config.flip == "random":  # each chip in one orientation, fresh each step (Config.flip)
+            orientation = _orientation(jax.random.fold_in(jax.random.fold_in(key, 3), i), config, geom)
+        grad, _ = jax.grad(negative, has_aux=True)(z, g, view_scale, orientation)
         if config.smooth_grad > 0:  # translation-invariant gradient (see Config.smooth_grad)
             grad = gaussian_smooth(grad, config.smooth_grad, _odd_kernel(config.smooth_grad))
         updates, state = optimiser.update(grad * mask, state, z)
@@ -828,7 +833,10 @@ def _finish_one(x, geom, z, targets, setup, config: Config):
     models, lpips, kwargs = setup
     targets, mids = targets
     adv = jnp.clip(x + to_rgb(z, config.chroma), 0.0, 1.0)
-    _, aux = objective(adv, x, geom, models, targets, lpips, mid_targets=mids, **kwargs)
+    orientation = None
+    if config.flip == "random":  # the final distance of the chips as they are (not flipped)
+        orientation = jax.tree.map(jnp.zeros_like, _orientation(jax.random.key(0), config, geom))
+    _, aux = objective(adv, x, geom, models, targets, lpips, mid_targets=mids, orientation=orientation, **kwargs)
     whole_photo_lpips = lpips(adv[None], x[None])[0] * geom.lpips_scale
     return adv - x, aux["distance"], whole_photo_lpips
 

@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lowkey_jax import executables
 from lowkey_jax.checkpoint import abstract, load_params
 from lowkey_jax.face import Face
 from lowkey_jax.models.mtcnn import MTCNN, ONET_SIZE, PNET_CELL, PNET_STRIDE, RNET_SIZE, WEIGHTS
@@ -92,7 +93,8 @@ def _runners():
     def onet(state, x):
         return nnx.merge(graphdef, state).onet(x)
 
-    return state, {"pnet": pnet, "rnet": rnet, "onet": onet}
+    fns = {"pnet": pnet, "rnet": rnet, "onet": onet}
+    return state, {k: executables.stored(f, k, "mtcnn") for k, f in fns.items()}
 
 
 def compiled_shapes() -> dict[str, int]:

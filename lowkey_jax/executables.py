@@ -40,12 +40,34 @@ from typing import Any
 
 import jax
 
-__all__ = ["FORMAT", "MAX_BYTES", "CompileWatch", "key", "load", "store", "prune", "drop_jax_entries", "signature"]
+__all__ = ["FORMAT", "MAX_BYTES", "CompileWatch", "key", "load", "store", "prune", "drop_jax_entries", "signature",
+           "load_or_compile", "compilation_cache_dir", "own_jax_cache", "stored", "NO_CACHE_ENV"]
 
 FORMAT = 1  # bumped whenever the file layout changes
 # Size cap of a directory of stored executables (about 8 MB per photo shape and setting on
 # CPU): 60 or so entries; older ones are compiled again when next needed.
 MAX_BYTES = 512 * 2**20
+NO_CACHE_ENV = "LOWKEY_JAX_NO_COMPILE_CACHE"
+PROGRAMS_DIR = "programs"  # executables of :func:`stored` programs (the attack keeps its own)
+
+
+def compilation_cache_dir() -> Path | None:
+    """Where compiled programs are cached: ``$LOWKEY_JAX_HOME/xla-cache`` (default
+    ``~/.cache/lowkey-jax/xla-cache``), or None when ``$LOWKEY_JAX_NO_COMPILE_CACHE`` is set
+    to anything but ``""``/``0``."""
+    if os.environ.get(NO_CACHE_ENV, "") not in ("", "0"):
+        return None
+    from lowkey_jax.store import home
+
+    return home() / "xla-cache"
+
+
+def own_jax_cache() -> Path | None:
+    """JAX's persistent cache directory when it is ours (:func:`compilation_cache_dir`), else
+    None (a directory the user configured is left alone)."""
+    cache_dir = jax.config.jax_compilation_cache_dir
+    own = compilation_cache_dir()
+    return own if cache_dir and own is not None and Path(cache_dir) == own else None
 
 
 @cache
@@ -220,3 +242,54 @@ class CompileWatch:
     def __exit__(self, *exc) -> None:
         with self._lock:
             self._active.remove(self)
+
+
+def load_or_compile(jitted, args: tuple, path: Path, *, jax_cache: Path | None = None,
+                    name: str | None = None) -> tuple[jax.stages.Compiled, bool]:
+    """``jitted``'s executable for ``args``: read from ``path`` (no tracing) when stored
+    there, else traced and compiled here and stored at ``path``. ``jax_cache``/``name``: the
+    directory of JAX's own persistent cache (when it is ours) and the jitted function's
+    ``__name__``, whose entries there are removed (they would be served instead of compiled
+    next time, and such a copy cannot be stored). Returns ``(executable, loaded)``."""
+    exe = load(path, args)
+    if exe is not None:
+        return exe, True
+    with CompileWatch() as watch:
+        exe = jitted.lower(*args).compile()
+    if not watch.hits:  # compiled here (one read back from JAX's cache cannot be stored)
+        store(path, exe)
+    if jax_cache is not None and name:
+        drop_jax_entries(jax_cache, name)
+    return exe, False
+
+
+def stored(jitted, name: str, *key_parts: Any):
+    """``jitted`` (a ``jax.jit`` of a function called ``name``) behind the store: each
+    argument signature's executable is read from disk in a later process instead of being
+    traced again (about a second per network on a 2-core machine), compiled and stored the
+    first time. ``key_parts`` tell programs of one function apart (e.g. the network). Plain
+    ``jitted`` when there is no compilation cache directory or there are several processes.
+    The returned function has ``_cache_size()`` (signatures compiled or loaded) like a jit."""
+    cache_dir = jax.config.jax_compilation_cache_dir
+    if not cache_dir or jax.process_count() > 1:
+        return jitted
+    own = own_jax_cache()
+    compiled: dict[tuple, tuple] = {}
+
+    def call(*args):
+        sig = signature(args)
+        if sig not in compiled:
+            path = Path(cache_dir) / PROGRAMS_DIR / f"{key(name, *key_parts, sig)}.bin"
+            compiled[sig] = (*load_or_compile(jitted, args, path, jax_cache=own, name=name), path)
+        exe, loaded, path = compiled[sig]
+        try:
+            return exe(*args)
+        except jax.errors.JaxRuntimeError:
+            if not loaded:
+                raise
+            path.unlink(missing_ok=True)  # loads but does not run: compile afresh
+            compiled[sig] = (jitted.lower(*args).compile(), False, path)
+            return compiled[sig][0](*args)
+
+    call._cache_size = lambda: len(compiled)
+    return call

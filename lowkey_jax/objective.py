@@ -55,6 +55,7 @@ __all__ = [
     "gaussian_smooth",
     "lowkey_features",
     "clean_features",
+    "oriented_features",
     "feature_distance",
     "lpips_term",
     "objective",
@@ -183,6 +184,19 @@ def clean_features(models: Mapping[str, Model], image: jax.Array, geometry: Geom
     return {name: lowkey_features(m, image, geometry.transforms[name]) for name, m in models.items()}
 
 
+def oriented_features(models: Mapping[str, Model], image: jax.Array, geometry: Geometry) -> dict[str, jax.Array]:
+    """Targets for the random-orientation objective (``objective(orientation=...)``):
+    ``{name: [2, F, D]}``, the L2-normalised embeddings of each clean chip (index 0) and of
+    its horizontal flip (index 1), each on its own."""
+    out = {}
+    for name, m in models.items():
+        chips = _chips(image, geometry.transforms[name], m.chip_size, m.supersample)
+        f = chips.shape[0]
+        emb = _l2_normalise(m.embed(jnp.concatenate([chips, chips[:, :, ::-1, :]], axis=0)))
+        out[name] = emb.reshape(2, f, emb.shape[-1])
+    return out
+
+
 def clean_mid_features(models: Mapping[str, Model], image: jax.Array, geometry: Geometry) -> dict[str, jax.Array]:
     """The clean photo's intermediate maps ``{name: [2, F, ...]}`` (chips, flips) for the
     feature-level term, computed once before the attack."""
@@ -306,6 +320,7 @@ def objective(
     mid_weight: float = 0.0,
     mid_targets: Mapping[str, jax.Array] | None = None,
     equalise: bool = False,
+    orientation: Mapping[str, jax.Array] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The LowKey objective (to be maximised) and its parts.
 
@@ -334,11 +349,20 @@ def objective(
         ``mid_weight > 0``.
       equalise: rescale each recogniser's gradient to the same size per face
         (:func:`equalise_gradients`); the value of the objective is unchanged.
+      orientation: ``{name: bool [branches, F]}`` or None (the reference: every chip is seen
+        as itself and as its horizontal flip, and the LowKey feature is their normalised
+        sum). Given, each chip is seen in one orientation only (True: flipped), half the
+        recognisers' work, and compared with the clean chip's feature in that orientation:
+        ``targets`` must then be :func:`oriented_features` (``[2, F, D]`` per model). With a
+        fresh random choice every step this is the reference's flip averaged over steps
+        instead of within each one (``Config.flip="random"``). Not with ``mid_weight``.
     Returns:
       ``(loss, {"distance": D, "lpips": P})``, scalars.
     """
     if mid_weight > 0 and mid_targets is None:
         raise ValueError("mid_weight > 0 needs mid_targets (clean_mid_features of the clean photo)")
+    if mid_weight > 0 and orientation is not None:
+        raise ValueError("the feature-level term (mid_weight) needs both orientations (orientation=None)")
     branches = [adv]
     if blur:
         branches.append(gaussian_smooth(adv, blur_sigma, blur_kernel))
@@ -352,6 +376,9 @@ def objective(
     # Both branches' chips go through each network in one call: [branches * F] chips.
     all_chips = tuple(jnp.concatenate([_chips(b, transforms[name], model.chip_size, model.supersample)
                                        for b in branches]) for name, model in models.items())
+    if orientation is not None:  # one orientation per chip: flipped where chosen
+        all_chips = tuple(jnp.where(orientation[name].reshape(-1)[:, None, None, None], c[:, :, ::-1, :], c)
+                          for name, c in zip(models, all_chips))
     if equalise and len(all_chips) > 1:
         all_chips = equalise_gradients(all_chips)
     for (name, model), chips in zip(models.items(), all_chips):
@@ -360,11 +387,16 @@ def objective(
         if mid_weight > 0:
             feats, inner = _features_of_chips(model, chips, mid=True)
             inner = inner.reshape(2, nb, -1, *inner.shape[2:])  # [chip/flip, branch, F, ...]
+        elif orientation is not None:
+            feats = _l2_normalise(model.embed(chips))
         else:
             feats = _features_of_chips(model, chips)
         feats = feats.reshape(nb, -1, targets[name].shape[-1])
         for b, f in enumerate(feats):
-            term = feature_distance(f, targets[name], geometry.mask)
+            target = targets[name]
+            if orientation is not None:  # [2, F, D] -> the chosen orientation's [F, D]
+                target = jnp.where(orientation[name][b][:, None], target[1], target[0])
+            term = feature_distance(f, target, geometry.mask)
             if mid_weight > 0:
                 rel = mid_distance(inner[:, b], mid_targets[name], geometry.mask)
                 term = term + jnp.float32(mid_weight / dims[name]) * rel

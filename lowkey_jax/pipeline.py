@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from lowkey_jax import align as _align
+from lowkey_jax import executables
 from lowkey_jax.detect import detect_faces
 from lowkey_jax.face import Face, face_slots
 from lowkey_jax.metrics import paired_cosine
@@ -30,7 +31,11 @@ __all__ = ["embed_faces", "match_faces", "verdicts", "verdicts_many", "similarit
 @cache
 def _embedder(name: str):
     graphdef, state = nnx.split(load_recognizer(name).module)
-    fn = jax.jit(lambda s, chips: nnx.merge(graphdef, s)(chips))
+
+    def embed_program(s, chips):
+        return nnx.merge(graphdef, s)(chips)
+
+    fn = executables.stored(jax.jit(embed_program), "embed_program", name)
     return lambda chips: fn(state, chips)
 
 
@@ -152,19 +157,35 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
 
 
-@jax.jit
-def _ssim(a: jax.Array, b: jax.Array) -> jax.Array:
-    import dm_pix as pix
-
-    x = a.astype(jnp.float32) / jnp.float32(255.0)
-    y = b.astype(jnp.float32) / jnp.float32(255.0)
-    with jax.numpy_dtype_promotion("standard"):  # dm-pix's ssim mixes Python floats and int32
-        return pix.ssim(x, y)
+def _gaussian_valid(z: np.ndarray, taps: np.ndarray, axis: int) -> np.ndarray:
+    """1-D "valid" convolution of ``z`` with symmetric ``taps`` along ``axis``."""
+    windows = np.lib.stride_tricks.sliding_window_view(z, len(taps), axis=axis)
+    return windows @ taps
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean SSIM (dm-pix, 11x11 Gaussian window, sigma 1.5) of two uint8 RGB images."""
-    return float(_ssim(np.asarray(a), np.asarray(b)))
+    """Mean SSIM of two uint8 RGB images ``[H, W, 3]`` (at least 11x11): dm-pix's
+    ``dm_pix.ssim`` (11x11 Gaussian window, sigma 1.5, k1 0.01, k2 0.03, "valid" filtering,
+    on [0, 1]) computed in float64 numpy. ``tests/test_quality.py`` checks it against dm-pix
+    itself; numpy needs no compiled program per image size (each costs about a second)."""
+    x = np.asarray(a, np.float64) / 255.0
+    y = np.asarray(b, np.float64) / 255.0
+    if x.shape != y.shape or x.ndim != 3 or min(x.shape[:2]) < 11:
+        raise ValueError(f"ssim needs two [H, W, C] images of one shape, H and W >= 11; got {x.shape}, {y.shape}")
+    u = (np.arange(11) - 5) / 1.5
+    taps = np.exp(-0.5 * u * u)
+    taps /= taps.sum()
+    filt = lambda z: _gaussian_valid(_gaussian_valid(z, taps, 1), taps, 0)
+    mu0, mu1 = filt(x), filt(y)
+    mu00, mu11, mu01 = mu0 * mu0, mu1 * mu1, mu0 * mu1
+    eps = float(np.finfo(np.float32).eps) ** 2  # dm-pix's floor of the variances
+    s00 = np.maximum(eps, filt(x * x) - mu00)
+    s11 = np.maximum(eps, filt(y * y) - mu11)
+    s01 = filt(x * y) - mu01
+    s01 = np.sign(s01) * np.minimum(np.sqrt(s00 * s11), np.abs(s01))  # as dm-pix: |s01| <= sqrt(s00 s11)
+    c1, c2 = 0.01**2, 0.03**2
+    cs = (2 * s01 + c2) / (s00 + s11 + c2)
+    return float(np.mean((2 * mu01 + c1) / (mu00 + mu11 + c1) * cs))
 
 
 @cache

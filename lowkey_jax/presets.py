@@ -61,6 +61,8 @@ def matches(preset: dict, config: dict) -> bool:
     from lowkey_jax.attack import Config
 
     def same(v, c) -> bool:
+        if isinstance(v, str) or isinstance(c, str):
+            return v == c
         if isinstance(v, (list, tuple)) or isinstance(c, (list, tuple)):
             return tuple(v or ()) == tuple(c or ())
         if isinstance(v, bool) or isinstance(c, bool):

@@ -38,6 +38,7 @@ __all__ = [
     "srgb_to_lab",
     "ciede2000",
     "delta_e",
+    "NUMPY_DELTA_E_PIXELS",
     "crop_quality",
     "face_quality",
     "summarise",
@@ -167,19 +168,30 @@ def _delta_e_compiled():
     return jax.jit(_delta_e_kernel)
 
 
-def delta_e(clean: np.ndarray, cloaked: np.ndarray) -> np.ndarray:
+# Crops of up to this many pixels take the float64 numpy path of :func:`delta_e` (about 0.1 s
+# at 512x512 here, and no compiled program to trace in a fresh process, which costs about a
+# second); larger ones the compiled float32 kernel.
+NUMPY_DELTA_E_PIXELS = 1 << 18
+
+
+def delta_e(clean: np.ndarray, cloaked: np.ndarray, *, compiled: bool | None = None) -> np.ndarray:
     """Per-pixel CIEDE2000 between two uint8 RGB images ``[..., 3]`` -> float32 ``[...]``.
 
-    The formula of :func:`ciede2000` on :func:`srgb_to_lab`, computed in float32 by one
-    compiled kernel (pixels padded to a power of two, so a handful of shapes serve every
-    crop): 8x faster than the float64 numpy path on a 1110x1110 face crop here. Per pixel it
-    is within 1e-3 of that path except near-grey pixels (hue ill-defined; at most about one
-    pixel in 10^4, within 0.02), so means and percentiles agree to 1e-3
-    (``tests/test_quality.py``).
+    The formula of :func:`ciede2000` on :func:`srgb_to_lab`. Images of up to
+    :data:`NUMPY_DELTA_E_PIXELS` pixels (every 224x224 view, most native face crops) are
+    computed in float64 numpy; larger ones (``compiled=True`` forces it, ``False`` forbids
+    it) in float32 by one compiled kernel (pixels padded to a power of two, so a handful of
+    shapes serve every crop): 8x faster than the float64 numpy path on a 1110x1110 face crop
+    here. Per pixel it is within 1e-3 of that path except near-grey pixels (hue
+    ill-defined; at most about one pixel in 10^4, within 0.02), so means and percentiles
+    agree to 1e-3 (``tests/test_quality.py``).
     """
     a = np.asarray(clean, np.uint8).reshape(-1, 3)
     b = np.asarray(cloaked, np.uint8).reshape(-1, 3)
     n = len(a)
+    if not (compiled if compiled is not None else n > NUMPY_DELTA_E_PIXELS):
+        out = ciede2000(srgb_to_lab(a), srgb_to_lab(b)).astype(np.float32)
+        return out.reshape(np.shape(clean)[:-1])
     size = max(4096, 1 << max(0, n - 1).bit_length())
     pad = ((0, size - n), (0, 0))
     out = np.asarray(_delta_e_compiled()(np.pad(a, pad), np.pad(b, pad)))[:n]

@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from lowkey_jax.align import warp_affine as _warp
 from lowkey_jax.attack import Attack, Config, bucket_shape, cloak, prepare
 from lowkey_jax.detect import detect_faces
-from lowkey_jax.objective import Geometry, Model, clean_features, gaussian_smooth, objective
+from lowkey_jax.objective import Geometry, Model, clean_features, gaussian_smooth, objective, oriented_features
 from lowkey_jax.perceptual import load_lpips
 from lowkey_jax.recognizers import load_recognizer
 
@@ -87,6 +88,41 @@ def _sface_facenet(image: np.ndarray):
     x = jnp.asarray(p.working)
     geom = _geometry(p)
     return models, (lambda a, b: jnp.zeros((a.shape[0],), jnp.float32)), x, geom, clean_features(models, x, geom)
+
+
+def test_random_orientation_compares_each_chip_in_the_orientation_chosen(one_face):
+    """``orientation`` (``Config.flip="random"``): each chip is embedded once, flipped where
+    chosen, and compared with the clean chip's feature in that orientation. Checked against
+    the distance computed by hand from the embeddings of flipped and unflipped chips."""
+    models, lpips, x, geom, _ = _sface_facenet(one_face)
+    oriented = oriented_features(models, x, geom)
+    adv = jnp.clip(x + jax.random.uniform(jax.random.key(5), x.shape, jnp.float32, -0.03, 0.03), 0.0, 1.0)
+    blurred = gaussian_smooth(adv)
+    f = geom.mask.shape[0]
+    choice = {"sface": jnp.asarray([[True] * f, [False] * f]), "facenet": jnp.asarray([[False] * f, [True] * f])}
+    got = float(objective(adv, x, geom, models, oriented, lpips, orientation=choice)[1]["distance"])
+    unit = lambda e: e / np.linalg.norm(e, axis=-1, keepdims=True)
+    terms = []
+    for name, m in models.items():
+        t = geom.transforms[name]
+        for b, image in enumerate((adv, blurred)):
+            chips = np.asarray(jax.vmap(lambda mt: _warp(image, mt, m.chip_size))(t))
+            flip = np.asarray(choice[name][b])
+            chips = np.where(flip[:, None, None, None], chips[:, :, ::-1], chips)
+            feats = unit(np.asarray(m.embed(jnp.asarray(chips))))
+            clean = unit(np.asarray(m.embed(jnp.asarray(
+                np.asarray(jax.vmap(lambda mt: _warp(x, mt, m.chip_size))(t))[:, :, ::-1 if flip[0] else 1]))))
+            np.testing.assert_allclose(clean, np.asarray(oriented[name][int(flip[0])]), atol=1e-5)
+            terms.append(np.mean(np.mean((feats - clean) ** 2, axis=-1) / np.linalg.norm(clean, axis=-1)))
+    np.testing.assert_allclose(got, np.mean(terms), rtol=1e-4)
+    # the same photo seen unflipped everywhere is a different, also positive, distance
+    plain = {n: jnp.zeros_like(c) for n, c in choice.items()}
+    other = float(objective(adv, x, geom, models, oriented, lpips, orientation=plain)[1]["distance"])
+    assert other > 0 and abs(other - got) > 1e-3 * got
+    # and the clean photo (no blurred branch) is at distance 0 in either orientation
+    for b in (0, 1):
+        one = {n: c[b:b + 1] for n, c in choice.items()}
+        assert float(objective(x, x, geom, models, oriented, lpips, orientation=one, blur=False)[1]["distance"]) < 1e-10
 
 
 def test_balance_weights_each_recogniser_by_its_feature_dimension(one_face):

@@ -87,3 +87,43 @@ def test_the_store_keeps_its_size_cap_dropping_the_least_recently_used(tmp_path)
     (tmp_path / "notes.txt").write_text("not an entry")
     assert X.prune(tmp_path, max_bytes=0, keep=new) == [tmp_path / "e0.bin"]  # never the one just stored
     assert new.exists() and (tmp_path / "notes.txt").exists()
+
+
+def test_stored_program_is_loaded_not_traced_in_a_later_process(tmp_path):
+    """``executables.stored``: the first process traces, compiles and stores the program; a
+    second process with the same cache directory runs it without tracing the function (its
+    Python body never runs) and gets the same result; a damaged entry is compiled again."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    child = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+jax.config.update("jax_compilation_cache_dir", sys.argv[1])
+from lowkey_jax import executables as X
+traced = []
+def program(a, b):
+    traced.append(1)
+    return jnp.tanh(a) @ b
+fn = X.stored(jax.jit(program), "program", "test")
+a = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
+out = np.asarray(fn(a, np.ones((4, 2), np.float32)))
+out2 = np.asarray(fn(a, np.ones((4, 2), np.float32)))
+print(json.dumps({"traced": len(traced), "out": out.tolist(), "same": bool((out == out2).all()),
+                  "sizes": fn._cache_size()}))
+"""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    run = lambda: json.loads(subprocess.run([sys.executable, "-c", child, str(tmp_path)], env=env, check=True,
+                                            capture_output=True, text=True, timeout=300).stdout.splitlines()[-1])
+    first = run()
+    entries = sorted((tmp_path / X.PROGRAMS_DIR).glob("*.bin"))
+    assert first["traced"] == 1 and first["same"] and first["sizes"] == 1 and len(entries) == 1
+    second = run()
+    assert second["traced"] == 0 and second["out"] == first["out"]
+    entries[0].write_bytes(b"damaged")
+    third = run()
+    assert third["traced"] == 1 and third["out"] == first["out"] and entries[0].stat().st_size > 1000

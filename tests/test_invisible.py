@@ -47,7 +47,8 @@ def test_config_validates_the_new_settings():
     for bad in (dict(epsilon=0.0), dict(epsilon=2.0), dict(chroma=-0.1), dict(texture=0.5), dict(texture=1.5, epsilon=0.01),
                 dict(momentum=1.0), dict(smooth_grad=-1.0), dict(rescale=-0.1), dict(rescale=0.8), dict(mid_weight=-1.0),
                 dict(lpips_face_side=16), dict(skip_grad=0.0), dict(skip_grad=1.5),
-                dict(edges=0.5, texture=0.0, epsilon=0.01), dict(edges=1.5, texture=0.5, epsilon=0.01)):
+                dict(edges=0.5, texture=0.0, epsilon=0.01), dict(edges=1.5, texture=0.5, epsilon=0.01),
+                dict(flip="none"), dict(flip="random", mid_weight=1.0)):
         with pytest.raises(ValueError):
             Config(**bad)
     Config(epsilon=EPS, chroma=0.25, texture=0.75, edges=1.0, momentum=0.9, smooth_grad=1.0, rescale=0.5)  # valid
@@ -179,8 +180,8 @@ def test_lpips_face_crops_on_a_finer_grid_cover_the_same_area():
 
 
 @pytest.mark.parametrize("option", [dict(rescale=0.5), dict(mid_weight=1.0), dict(lpips_face_side=224),
-                                    dict(skip_grad=0.5, models=("dlib",))],
-                         ids=["rescale", "mid_weight", "lpips_face_side", "skip_grad"])
+                                    dict(skip_grad=0.5, models=("dlib",)), dict(flip="random")],
+                         ids=["rescale", "mid_weight", "lpips_face_side", "skip_grad", "flip"])
 def test_transfer_options_change_the_attack_and_keep_the_budget(photo, option):
     base = dict(SMALL, epsilon=EPS, chroma=0.25, models=option.get("models", SMALL["models"]))
     d0, x = _delta(photo, Config(**base))

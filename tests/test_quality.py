@@ -55,14 +55,15 @@ def test_delta_e_is_ciede2000_in_float32(shared):
     rng = np.random.default_rng(1)
     a = rng.integers(0, 256, (333, 77, 3), dtype=np.uint8)
     b = np.clip(a.astype(int) + rng.integers(-12, 13, a.shape), 0, 255).astype(np.uint8)
-    got = delta_e(a, b)
+    got = delta_e(a, b, compiled=True)
     assert got.shape == (333, 77) and got.dtype == np.float32
     np.testing.assert_allclose(got, ciede2000(srgb_to_lab(a), srgb_to_lab(b)), rtol=0, atol=1e-3)
     face = np.asarray(Image.open(shared / "faces" / "celebs" / "img25.jpg").convert("RGB"))[80:330, 80:330]
     changed = np.clip(face.astype(int) + rng.integers(-6, 7, face.shape), 0, 255).astype(np.uint8)
     ref = ciede2000(srgb_to_lab(face), srgb_to_lab(changed))
-    got = delta_e(face, changed)
+    got = delta_e(face, changed, compiled=True)
     err = np.abs(got - ref)
+    np.testing.assert_allclose(delta_e(face, changed), ref.astype(np.float32), rtol=0, atol=1e-6)  # small: float64 path
     assert err.max() < 0.02 and np.mean(err > 1e-3) <= 1e-4, (err.max(), np.mean(err > 1e-3))
     assert abs(got.mean() - ref.mean()) < 1e-3 and abs(np.percentile(got, 99) - np.percentile(ref, 99)) < 1e-3
     assert ref.mean() > 0.5  # a real difference was measured
@@ -112,6 +113,27 @@ def test_face_quality_measures_the_face_not_the_background():
     assert cheap["crop224"]["lpips_alex"] == q["crop224"]["lpips_alex"] and cheap["native"]["ssim"] == q["native"]["ssim"]
     with pytest.raises(ValueError, match="differ in size"):
         face_quality(clean, noisy[:-1], [face])
+
+
+def test_ssim_is_dm_pix_ssim(shared):
+    """``pipeline.ssim`` (float64 numpy, no compiled program per size) equals dm-pix's own
+    ``dm_pix.ssim`` (float32, jitted here) to 1e-5 on a real photo and a perturbed copy."""
+    import dm_pix
+    import jax
+    from PIL import Image
+
+    from lowkey_jax.pipeline import ssim
+
+    clean = np.asarray(Image.open(shared / "faces" / "celebs" / "img1.jpg").convert("RGB"))[200:520, 300:560]
+    rng = np.random.default_rng(4)
+    for noise in (2, 12):
+        noisy = np.clip(clean.astype(int) + rng.integers(-noise, noise + 1, clean.shape), 0, 255).astype(np.uint8)
+        with jax.numpy_dtype_promotion("standard"):  # dm-pix's ssim mixes Python floats and int32
+            want = float(jax.jit(dm_pix.ssim)(clean.astype(np.float32) / 255.0, noisy.astype(np.float32) / 255.0))
+        assert abs(ssim(clean, noisy) - want) < 1e-5 and want < 0.999
+    assert ssim(clean, clean) == pytest.approx(1.0, abs=1e-12)
+    with pytest.raises(ValueError, match="11"):
+        ssim(clean[:10], clean[:10])
 
 
 def test_lab_of_uint8_through_the_lookup_table_equals_the_formula():

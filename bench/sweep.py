@@ -81,6 +81,8 @@ SETTINGS: dict[str, dict] = {
     "eps10-shaped-jit-lp224-rflip": budgeted(10, jitter=0.05, momentum=0.0, lpips_face_side=224, flip="random"),
     # the plain photo only: no Gaussian-smoothed branch (the reference attacks both)
     "eps10-shaped-jit-lp224-noblur": budgeted(10, jitter=0.05, momentum=0.0, lpips_face_side=224, blur=False),
+    # the Gaussian-smoothed photo only (no plain branch): also half the recognisers' work
+    "eps10-shaped-jit-lp224-smoothonly": budgeted(10, jitter=0.05, momentum=0.0, lpips_face_side=224, plain=False),
 }
 
 # Leave-one-out: ``<setting>-loo-<model>`` is the setting attacking with every recogniser but

@@ -75,6 +75,9 @@ class Config:
       init_range: uniform random start in [-init_range, +init_range].
       alpha: weight of the LPIPS-AlexNet penalty.
       blur: attack the Gaussian-smoothed photo as well as the plain one.
+      plain: attack the plain photo (the reference). ``False`` (with ``blur``): the
+        recognisers see the Gaussian-smoothed photo only, half their work; measured on the
+        sweep and not adopted (README).
       blur_sigma, blur_kernel: that Gaussian (sigma 3, 7x7 in the reference).
       models: the recogniser ensemble, any of "dlib", "facenet", "sface", "facenet128",
         "arcface-mobilenet" (``recognizers.RECOGNIZERS``).
@@ -154,6 +157,7 @@ class Config:
     init_range: float = 0.005
     alpha: float = 0.05
     blur: bool = True
+    plain: bool = True
     blur_sigma: float = 3.0
     blur_kernel: int = 7
     models: tuple[str, ...] = ("dlib", "facenet", "sface")
@@ -202,6 +206,8 @@ class Config:
             raise ValueError("max_side must be at least 64")
         if not 0.0 <= self.jitter < 0.5:
             raise ValueError("jitter must be in [0, 0.5)")
+        if not (self.plain or self.blur):
+            raise ValueError("plain=False attacks the Gaussian-smoothed photo only: it needs blur=True")
         if self.blur_kernel < 1 or self.blur_kernel % 2 == 0:
             raise ValueError("blur_kernel must be a positive odd integer")
         if self.epsilon is not None and not 0.0 < self.epsilon <= 1.0:
@@ -747,7 +753,7 @@ def _setup(params, config: Config, graphdefs, chips):
         for name in config.models
     }
     lpips = nnx.merge(graphdefs["lpips"], params["lpips"])
-    kwargs = dict(alpha=config.alpha, blur=config.blur, blur_sigma=config.blur_sigma,
+    kwargs = dict(alpha=config.alpha, blur=config.blur, plain=config.plain, blur_sigma=config.blur_sigma,
                   blur_kernel=config.blur_kernel, lpips_max_side=config.lpips_max_side, balance=config.balance,
                   mid_weight=config.mid_weight, lpips_face_side=config.lpips_face_side, equalise=config.equalise)
     return models, lpips, kwargs
@@ -787,7 +793,7 @@ def _start_one(x, mask, key, config: Config):
 
 def _orientation(key, config: Config, geom: Geometry) -> dict[str, jax.Array]:
     """A random orientation (True: flipped) for every recogniser, branch and face slot."""
-    shape = (2 if config.blur else 1, geom.mask.shape[0])
+    shape = (int(config.plain) + int(config.blur), geom.mask.shape[0])
     return {name: jax.random.bernoulli(jax.random.fold_in(key, n), 0.5, shape) for n, name in enumerate(config.models)}
 
 

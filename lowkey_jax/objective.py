@@ -311,6 +311,7 @@ def objective(
     *,
     alpha: float = 0.05,
     blur: bool = True,
+    plain: bool = True,
     blur_sigma: float = 3.0,
     blur_kernel: int = 7,
     lpips_max_side: int = 512,
@@ -330,6 +331,8 @@ def objective(
       models: ``{name: Model}``, the ensemble.
       targets: ``clean_features(models, clean, geometry)``.
       lpips: LPIPS distance function.
+      blur, plain: the branches the recognisers see: the Gaussian-smoothed photo
+        (``blur_sigma``, ``blur_kernel``) and the plain one; the reference attacks both.
       balance: weight each recogniser's term by its feature dimension over the ensemble's
         mean dimension. The reference's mean over dims makes a term ``2 (1 - cos) / D`` for
         unit features, so FaceNet's 512-D term counts 4x less than dlib's and SFace's 128-D
@@ -363,7 +366,9 @@ def objective(
         raise ValueError("mid_weight > 0 needs mid_targets (clean_mid_features of the clean photo)")
     if mid_weight > 0 and orientation is not None:
         raise ValueError("the feature-level term (mid_weight) needs both orientations (orientation=None)")
-    branches = [adv]
+    if not (plain or blur):
+        raise ValueError("no branch to attack: plain and blur are both off")
+    branches = [adv] if plain else []
     if blur:
         branches.append(gaussian_smooth(adv, blur_sigma, blur_kernel))
     transforms = geometry.transforms

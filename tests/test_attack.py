@@ -141,6 +141,28 @@ def test_balance_weights_each_recogniser_by_its_feature_dimension(one_face):
     assert single["sface"] > 0 and single["facenet"] > 0
 
 
+def test_smoothed_branch_only(one_face):
+    """``plain=False`` (``Config.plain``): the recognisers see the Gaussian-smoothed photo only.
+    The reference's distance is the mean over both branches, so it must equal the mean of the
+    plain-only and the smoothed-only distances; the smoothed-only one equals the plain-only
+    distance of the smoothed photo; neither branch is refused silently."""
+    models, lpips, x, geom, targets = _sface_facenet(one_face)
+    adv = jnp.clip(x + jax.random.uniform(jax.random.key(4), x.shape, jnp.float32, -0.03, 0.03), 0.0, 1.0)
+    d = lambda a, **kw: float(objective(a, x, geom, models, targets, lpips, **kw)[1]["distance"])
+    both, plain_only, smooth_only = d(adv), d(adv, blur=False), d(adv, plain=False)
+    assert abs(smooth_only - plain_only) > 1e-3 * plain_only  # two different distances
+    np.testing.assert_allclose(both, (plain_only + smooth_only) / 2, rtol=1e-5)
+    np.testing.assert_allclose(smooth_only, d(gaussian_smooth(adv), blur=False), rtol=1e-5)
+    with pytest.raises(ValueError, match="no branch"):
+        objective(adv, x, geom, models, targets, lpips, blur=False, plain=False)
+    with pytest.raises(ValueError, match="needs blur=True"):
+        Config(plain=False, blur=False)
+    # through the compiled attack too, with one orientation per chip (branch count 1)
+    cfg = dataclasses.replace(FAST, steps=1, plain=False, flip="random", models=("sface",))
+    r = cloak([one_face], cfg, evaluate=False)[0]
+    assert r.image.shape == one_face.shape and np.abs(r.image.astype(int) - one_face).max() > 0
+
+
 def test_equalise_gradients_gives_every_recogniser_the_same_gradient_size_per_face():
     """``equalise_gradients`` is the identity forward; backward, each model's chip gradient
     is scaled per face to the mean L1 size of all models' (padding slots stay zero)."""

@@ -74,7 +74,8 @@ class Config:
       step_size: per-step change of each pixel, on [0, 1] images.
       init_range: uniform random start in [-init_range, +init_range].
       alpha: weight of the LPIPS-AlexNet penalty.
-      blur: attack the Gaussian-smoothed photo as well as the plain one.
+      blur: attack the Gaussian-smoothed photo (as well as the plain one, unless ``plain``
+        is off).
       plain: attack the plain photo (the reference). ``False`` (with ``blur``): the
         recognisers see the Gaussian-smoothed photo only, half their work; measured on the
         sweep and not adopted (README).

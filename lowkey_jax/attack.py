@@ -91,8 +91,8 @@ class Config:
       lpips_max_side: the whole-photo LPIPS term is computed on the photo downscaled to at
         most this many pixels (see ``objective.lpips_term``).
       lpips_face_side: side (pixels) of the aligned face crops of the LPIPS term's face half
-        (112 as the reference; 224 sees a face of typical photo size closer to its native
-        resolution, at about 4x that half's cost).
+        (112 as the reference; larger sees a face of typical photo size closer to its
+        native resolution, at (side / 112)^2 times that half's cost: ``mid`` uses 448).
       jitter: expectation over alignment: each step sees every chip shifted by up to this
         fraction of its size and scaled by up to ``1 +- jitter`` (0: off, as the reference).
         A scraper re-detects faces in the cloaked photo, and its boxes move by a few percent.

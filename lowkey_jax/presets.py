@@ -14,8 +14,9 @@ colour and skin tone; at 1:1 brows and lips are subtly reshaped on small faces.
 Measured leave-one-out on all five recognisers, ``mid`` fails for SFace:
 an attack without it leaves 32 of 48 pairs matching. ``low`` is subtler (8/255) and defeats
 the recognisers in the attack but not reliably the ones it never saw. ``high`` is the same
-recipe at 16/255 (with 224-pixel LPIPS crops; 448 not measured there): no recogniser we test matches a single pair, as the released setting, at
-two thirds of its colour difference on the face (still visibly changes faces); SFace held
+recipe at 16/255, with 224-pixel LPIPS crops (448 not measured there): no recogniser we
+test matches a single pair, as the released setting, at two thirds of its colour
+difference on the face (still visibly changes faces); SFace held
 out of it matches 1 of 48 (8 of 48 at 13/255). ``reference``
 is the released LowKey setting itself (no budget). This module
 imports nothing heavy, so front ends can list the presets without starting JAX.

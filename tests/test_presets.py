@@ -111,3 +111,17 @@ def test_held_out_curve_rows_are_four_model_attacks_at_rising_budgets():
             assert 0 <= r[f"pairs_{t}"] <= r["probes"] and abs(r[f"match_{t}"] * r["probes"] - r[f"pairs_{t}"]) < 0.5
     dE = [r["face_ciede2000_mean"] for r in curve if r["face_ciede2000_mean"] is not None]
     assert len(dE) >= 1 and dE == sorted(dE)  # a larger budget is more visible
+
+
+def test_describe_names_each_presets_budget_and_lpips_crop():
+    """presets.describe: one line per level, from LEVELS itself (no second copy of numbers)."""
+    from lowkey_jax.presets import describe
+
+    for name, p in LEVELS.items():
+        text = describe(name)
+        if p.get("epsilon") is None:
+            assert "no budget" in text
+            continue
+        assert f"budget {round(p['epsilon'] * 255)}/255" in text
+        side = p.get("lpips_face_side")
+        assert (f"LPIPS on {side}-pixel face crops" in text) == bool(side), text

@@ -85,6 +85,8 @@ SETTINGS: dict[str, dict] = {
     "eps10-shaped-jit-lp224-smoothonly": budgeted(10, jitter=0.05, momentum=0.0, lpips_face_side=224, plain=False),
     # the LPIPS penalty's face crops at 448 pixels: at or above most faces' working size
     "eps10-shaped-jit-lp448": budgeted(10, jitter=0.05, momentum=0.0, lpips_face_side=448),
+    # the same at `high`'s budget
+    "eps16-shaped-jit-lp448": budgeted(16, jitter=0.05, momentum=0.0, lpips_face_side=448),
 }
 
 # Leave-one-out: ``<setting>-loo-<model>`` is the setting attacking with every recogniser but

@@ -87,6 +87,15 @@ SETTINGS: dict[str, dict] = {
     "eps10-shaped-jit-lp448": budgeted(10, jitter=0.05, momentum=0.0, lpips_face_side=448),
     # the same at `high`'s budget
     "eps16-shaped-jit-lp448": budgeted(16, jitter=0.05, momentum=0.0, lpips_face_side=448),
+    # `mid` (448-pixel LPIPS crops) with one orientation per chip and step (Config.flip)
+    "eps10-shaped-jit-lp448-rflip": budgeted(10, jitter=0.05, momentum=0.0, lpips_face_side=448, flip="random"),
+    # `mid` with each pixel's step in proportion to its gradient, on each face's own scale
+    # (Config.step_rule), with steps of a fifth of the budget (twice `mid`'s), and at 14/255
+    "eps10-shaped-jit-lp448-scaled-x2": budgeted(10, jitter=0.05, momentum=0.0, lpips_face_side=448, step_rule="scaled",
+                                                 step_size=2 * E),
+    "eps14-shaped-jit-lp448-scaled": budgeted(14, jitter=0.05, momentum=0.0, lpips_face_side=448, step_rule="scaled"),
+    "eps11-shaped-jit-lp448-scaled-x2": budgeted(11, jitter=0.05, momentum=0.0, lpips_face_side=448, step_rule="scaled",
+                                                 step_size=2.2 * E),
 }
 
 # Leave-one-out: ``<setting>-loo-<model>`` is the setting attacking with every recogniser but
@@ -98,7 +107,8 @@ LOO = "-loo-"
 LOO_ONLY = {"eps10-shaped-jit-lp224-sgm": budgeted(10, jitter=0.05, momentum=0.0, lpips_face_side=224, skip_grad=0.5)}
 LOO_OF = ("eps10-shaped-jit-lp224", "eps10-shaped-jit-lp224-eq",  # the former `mid`, with equalised gradients,
           "eps10-shaped-jit-lp224-sgm",  # with the skip gradient method
-          "eps10-shaped-jit-lp448")  # `mid` since 7 Dec
+          "eps10-shaped-jit-lp448",  # `mid` since 7 Dec
+          "eps11-shaped-jit-lp448-scaled-x2")  # steps in proportion to the gradient
 # the variants: only the recogniser `mid` fails for
 LOO_HELD = {"eps10-shaped-jit-lp224-eq": ("sface",), "eps10-shaped-jit-lp224-sgm": ("sface",)}
 

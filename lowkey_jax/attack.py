@@ -48,7 +48,7 @@ from lowkey_jax.detect import DETECT_SIDE, detect_faces
 from lowkey_jax.face import Face, face_slots
 from lowkey_jax.models.layers import set_branch_gradient
 from lowkey_jax.objective import (YCBCR_TO_RGB, Geometry, Model, budget_map, clean_features, clean_mid_features,
-                                  gaussian_smooth, objective, oriented_features, to_rgb)
+                                  face_regions, gaussian_smooth, objective, oriented_features, to_rgb)
 from lowkey_jax.perceptual import load_lpips
 from lowkey_jax.pipeline import psnr, verdicts_many
 from lowkey_jax.quality import face_quality
@@ -61,6 +61,7 @@ __all__ = ["Config", "Result", "Attack", "cloak", "prepare", "bucket_shape", "en
 BUCKET_SIDES = (256, 384, 512, 768, 1024)
 PRECISIONS = ("highest", "high", "default")
 FLIPS = ("both", "random")
+STEP_RULES = ("sign", "scaled")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +152,12 @@ class Config:
         clean target, ``objective.oriented_features``), so the flip is averaged over steps
         rather than within each: half the recognisers' work per step. Not with
         ``mid_weight``.
+      step_rule: ``"sign"`` (the reference): every pixel moves ``step_size`` each step, in
+        the direction of its gradient's sign. ``"scaled"``: each pixel moves in proportion to
+        its gradient, a full ``step_size`` from the gradient's magnitude-weighted mean
+        magnitude up (``scale_by_weighted_magnitude``, per face region and channel:
+        ``objective.face_regions``), so pixels whose gradient is weak, or changes sign from
+        step to step, drift less.
     """
 
     steps: int = 50
@@ -183,6 +190,7 @@ class Config:
     equalise: bool = False
     skip_grad: float = 1.0
     flip: str = "both"
+    step_rule: str = "sign"
 
     @classmethod
     def preset(cls, level: str = "mid", **overrides) -> "Config":
@@ -237,6 +245,8 @@ class Config:
             raise ValueError("smooth_grad must be in [0, 10] pixels")
         if self.flip not in FLIPS:
             raise ValueError(f"flip must be one of {FLIPS}, got {self.flip!r}")
+        if self.step_rule not in STEP_RULES:
+            raise ValueError(f"step_rule must be one of {STEP_RULES}, got {self.step_rule!r}")
         if self.flip != "both" and self.mid_weight > 0:
             raise ValueError("mid_weight needs flip='both' (the feature-level term compares both orientations)")
         if self.precision not in PRECISIONS:
@@ -734,13 +744,46 @@ def _normalise_l1() -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def _optimiser(config: Config) -> optax.GradientTransformation:
-    """Signed gradient descent on the negated objective (ascent on the objective), with
+def scale_by_weighted_magnitude(regions: int = 1) -> optax.GradientTransformationExtraArgs:
+    """Each update ``g`` ``[H, W, C]`` divided by ``s = sum(g^2) / sum(|g|)`` of its channel
+    and region (the mean magnitude, each pixel weighted by its own magnitude, so pixels with
+    no gradient do not dilute it) and clipped to [-1, 1]: pixels at or above ``s`` take a
+    full step, weaker ones a proportionally smaller one (``Config.step_rule="scaled"``).
+
+    ``update(..., regions=r)`` takes an int ``[H, W]`` map of pixels to ``regions`` regions
+    (``objective.face_regions``: each face its own scale, so a small face, whose pixels each
+    carry a large gradient, does not shrink a large face's steps); without it, one region.
+    """
+
+    def update(updates, state, params=None, *, regions_map=None):
+        del params
+
+        def one(g):
+            h, w, c = g.shape
+            if regions_map is None:
+                seg, n = jnp.zeros((h * w,), jnp.int32), 1
+            else:
+                seg, n = regions_map.reshape(h * w), regions
+            flat = g.reshape(h * w, c)
+            num = jax.ops.segment_sum(flat * flat, seg, num_segments=n)  # [n, C]
+            den = jax.ops.segment_sum(jnp.abs(flat), seg, num_segments=n)
+            s = num / jnp.maximum(den, jnp.float32(1e-30))
+            return jnp.clip(flat / jnp.maximum(s[seg], jnp.float32(1e-30)), -1.0, 1.0).reshape(h, w, c)
+
+        return jax.tree.map(one, updates), state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+
+
+def _optimiser(config: Config, regions: int = 1) -> optax.GradientTransformationExtraArgs:
+    """Signed (or, with ``step_rule="scaled"``, magnitude-scaled over ``regions`` face
+    regions) gradient descent on the negated objective (ascent on the objective), with
     optional momentum over L1-normalised gradients (MI-FGSM)."""
     parts = []
     if config.momentum > 0:
         parts += [_normalise_l1(), optax.trace(decay=config.momentum)]
-    return optax.chain(*parts, optax.scale_by_sign(), optax.scale(-config.step_size))
+    direction = optax.scale_by_sign() if config.step_rule == "sign" else scale_by_weighted_magnitude(regions)
+    return optax.chain(*parts, direction, optax.scale(-config.step_size))
 
 
 PROGRESS_EVERY = 5  # steps per compiled segment when progress is reported (``Attack._run_segments``)
@@ -804,7 +847,10 @@ def _steps_one(x, mask, geom, key, z, state, targets, first, last, setup, config
     models, lpips, kwargs = setup
     targets, mids = targets
     bound = _bound(x, mask, config)
-    optimiser = _optimiser(config)
+    optimiser = _optimiser(config, regions=geom.mask.shape[0])
+    extra = {}
+    if config.step_rule == "scaled":  # each face's steps on its own scale (scale_by_weighted_magnitude)
+        extra["regions_map"] = face_regions(geom, x.shape[:2])
 
     def negative(z, g=geom, view_scale=None, orientation=None):
         loss, aux = objective(x + to_rgb(z, config.chroma), x, g, models, targets, lpips, view_scale=view_scale,
@@ -826,7 +872,7 @@ def _steps_one(x, mask, geom, key, z, state, targets, first, last, setup, config
         grad, _ = jax.grad(negative, has_aux=True)(z, g, view_scale, orientation)
         if config.smooth_grad > 0:  # translation-invariant gradient (see Config.smooth_grad)
             grad = gaussian_smooth(grad, config.smooth_grad, _odd_kernel(config.smooth_grad))
-        updates, state = optimiser.update(grad * mask, state, z)
+        updates, state = optimiser.update(grad * mask, state, z, **extra)
         z = optax.apply_updates(z, updates)
         if bound is not None:
             z = optax.projections.projection_box(z, -bound, bound)

@@ -67,6 +67,7 @@ __all__ = [
     "clean_mid_features",
     "mid_distance",
     "equalise_gradients",
+    "face_regions",
 ]
 
 Embed = Callable[[jax.Array], jax.Array]  # [N, h, w, 3] in [0, 1] -> [N, D]
@@ -473,6 +474,32 @@ def isotropy(image: jax.Array, sigma: float = 2.0, kernel: int = 9) -> jax.Array
     small = jnp.maximum(trace - root, jnp.float32(0.0))  # 2 * l2
     flat = trace <= 1e-8
     return jnp.where(flat, jnp.float32(1.0), small / jnp.where(flat, jnp.float32(1.0), trace))[..., None]
+
+
+def face_regions(geometry: Geometry, shape: tuple[int, int]) -> jax.Array:
+    """Which face each pixel of a ``shape = (H, W)`` photo belongs to: int32 ``[H, W]``, the
+    slot of the real face (``geometry.mask``) whose centre is nearest, distances measured in
+    units of each face's size (the side of its 112x112 ArcFace-template crop in photo
+    pixels, from ``geometry.lpips_transforms``), so a small face next to a large one keeps
+    a small region. Pixels far from every face still get the nearest one (their gradient is
+    the whole-photo LPIPS term's, small). Slot 0 everywhere if there is no real face.
+    """
+    h, w = (int(v) for v in shape)
+    t = geometry.lpips_transforms  # [F, 2, 3]: crop (x, y, 1) -> photo (x, y)
+    half = jnp.float32(LPIPS_CROP[0] / 2.0)
+    centre = t[:, :, 0] * half + t[:, :, 1] * half + t[:, :, 2]  # [F, 2] photo (x, y)
+    size2 = jnp.abs(t[:, 0, 0] * t[:, 1, 1] - t[:, 0, 1] * t[:, 1, 0]) * jnp.float32(LPIPS_CROP[0] ** 2)
+    ys = jnp.arange(h, dtype=jnp.float32)[:, None]
+    xs = jnp.arange(w, dtype=jnp.float32)[None, :]
+    best = jnp.full((h, w), jnp.inf, jnp.float32)
+    index = jnp.zeros((h, w), jnp.int32)
+    for f in range(t.shape[0]):  # static, at most a pass's face slots; keeps memory at [H, W]
+        d = ((xs - centre[f, 0]) ** 2 + (ys - centre[f, 1]) ** 2) / jnp.maximum(size2[f], jnp.float32(1e-6))
+        d = jnp.where(geometry.mask[f] > 0, d, jnp.float32(jnp.inf))
+        closer = d < best
+        best = jnp.where(closer, d, best)
+        index = jnp.where(closer, jnp.int32(f), index)
+    return index
 
 
 def budget_map(clean: jax.Array, epsilon: float, texture: float, chroma: float | None, edges: float = 0.0) -> jax.Array:

@@ -15,8 +15,8 @@ from PIL import Image, ImageOps
 from lowkey_jax.attack import Attack, Config, _optimiser, cloak, prepare
 from lowkey_jax.detect import detect_faces
 from lowkey_jax.models.layers import scale_gradient, set_branch_gradient
-from lowkey_jax.objective import (YCBCR_TO_RGB, _chips, _denser, budget_map, downscaled_view, isotropy, local_contrast,
-                                  mid_distance, to_rgb)
+from lowkey_jax.objective import (YCBCR_TO_RGB, Geometry, _chips, _denser, budget_map, downscaled_view, face_regions,
+                                  isotropy, local_contrast, mid_distance, to_rgb)
 from lowkey_jax.recognizers import RECOGNIZERS, load_recognizer
 
 EPS = 3.0 / 255.0
@@ -48,7 +48,7 @@ def test_config_validates_the_new_settings():
                 dict(momentum=1.0), dict(smooth_grad=-1.0), dict(rescale=-0.1), dict(rescale=0.8), dict(mid_weight=-1.0),
                 dict(lpips_face_side=16), dict(skip_grad=0.0), dict(skip_grad=1.5),
                 dict(edges=0.5, texture=0.0, epsilon=0.01), dict(edges=1.5, texture=0.5, epsilon=0.01),
-                dict(flip="none"), dict(flip="random", mid_weight=1.0)):
+                dict(flip="none"), dict(flip="random", mid_weight=1.0), dict(step_rule="l2")):
         with pytest.raises(ValueError):
             Config(**bad)
     Config(epsilon=EPS, chroma=0.25, texture=0.75, edges=1.0, momentum=0.9, smooth_grad=1.0, rescale=0.5)  # valid
@@ -180,8 +180,8 @@ def test_lpips_face_crops_on_a_finer_grid_cover_the_same_area():
 
 
 @pytest.mark.parametrize("option", [dict(rescale=0.5), dict(mid_weight=1.0), dict(lpips_face_side=224),
-                                    dict(skip_grad=0.5, models=("dlib",)), dict(flip="random")],
-                         ids=["rescale", "mid_weight", "lpips_face_side", "skip_grad", "flip"])
+                                    dict(skip_grad=0.5, models=("dlib",)), dict(flip="random"), dict(step_rule="scaled")],
+                         ids=["rescale", "mid_weight", "lpips_face_side", "skip_grad", "flip", "step_rule"])
 def test_transfer_options_change_the_attack_and_keep_the_budget(photo, option):
     base = dict(SMALL, epsilon=EPS, chroma=0.25, models=option.get("models", SMALL["models"]))
     d0, x = _delta(photo, Config(**base))
@@ -210,6 +210,55 @@ def test_momentum_optimiser_is_mi_fgsm():
     u, _ = plain.update(g2, plain.init(params), params)
     np.testing.assert_allclose(np.asarray(u), -0.1 * np.sign(np.asarray(g2)), atol=1e-7)
     assert isinstance(opt, optax.GradientTransformation)
+
+
+def test_scaled_step_rule_moves_pixels_by_their_gradient():
+    # One photo [H=1, W=4, C=2]: channel 0 mixes strong and weak gradients, channel 1 is weaker
+    # overall, so it is normalised by its own scale, not by channel 0's.
+    g = jnp.asarray([[[4.0, 0.2], [-2.0, -0.1], [1.0, 0.05], [0.0, 0.0]]], jnp.float32)
+    opt = _optimiser(Config(step_size=0.1, step_rule="scaled"))
+    params = jnp.zeros_like(g)
+    u, _ = opt.update(g, opt.init(params), params)
+    gn = np.asarray(g, np.float64)
+    s = (gn**2).sum(axis=(0, 1)) / np.abs(gn).sum(axis=(0, 1))  # 3.0 and 0.15
+    expected = -0.1 * np.clip(gn / s, -1.0, 1.0)
+    np.testing.assert_allclose(np.asarray(u), expected, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(u)[0, :, 0], [-0.1, 0.2 / 3, -0.1 / 3, 0.0], atol=1e-7)  # 4 -> full, -2 -> 2/3
+    assert float(u[0, 3, 0]) == 0.0 and float(u[0, 3, 1]) == 0.0  # no gradient, no step
+    assert abs(float(u[0, 0, 1]) + 0.1) < 1e-7  # the weaker channel's strongest pixel: a full step too
+    # The sign rule stays the reference's: a full step wherever the gradient is non-zero.
+    sign = _optimiser(Config(step_size=0.1))
+    v, _ = sign.update(g, sign.init(params), params)
+    np.testing.assert_allclose(np.asarray(v), -0.1 * np.sign(gn), atol=1e-7)
+
+
+def _crop_transform(cx: float, cy: float, side: float) -> list:
+    """A 112x112 template crop of side ``side`` photo pixels centred on (cx, cy)."""
+    k = side / 112.0
+    return [[k, 0.0, cx - 56.0 * k], [0.0, k, cy - 56.0 * k]]
+
+
+def test_face_regions_give_each_face_the_pixels_nearest_in_its_own_size():
+    # A large face (side 40) at x=30, a small one (side 10) at x=80, a padding slot at (50, 50).
+    t = jnp.asarray([_crop_transform(30, 30, 40), _crop_transform(80, 30, 10), _crop_transform(50, 50, 40)], jnp.float32)
+    geom = Geometry(transforms={}, lpips_transforms=t, mask=jnp.asarray([1.0, 1.0, 0.0]), lpips_scale=jnp.float32(1.0))
+    r = np.asarray(face_regions(geom, (60, 100)))
+    assert r.shape == (60, 100) and r.dtype == np.int32
+    assert r[30, 30] == 0 and r[30, 80] == 1
+    assert r[30, 65] == 0  # 35 px from the large face (0.9 of its size), 15 from the small one (1.5 of its)
+    assert r[30, 76] == 1  # 46 px (1.15 sizes) vs 4 px (0.4 sizes)
+    assert not np.any(r == 2)  # a padding slot owns no pixel
+    # Each face's steps on its own scale: the small face's large gradient does not shrink the
+    # large face's steps (photo-wide, the large face's strongest pixel would take a tenth of a step).
+    g = np.zeros((60, 100, 1), np.float32)
+    g[30, 20:30, 0] = 1.0  # large face: weak, uniform gradient
+    g[30, 78:82, 0] = 10.0  # small face: ten times stronger
+    opt = _optimiser(Config(step_size=0.1, step_rule="scaled"), regions=3)
+    params = jnp.zeros_like(jnp.asarray(g))
+    u, _ = opt.update(jnp.asarray(g), opt.init(params), params, regions_map=jnp.asarray(r))
+    assert np.allclose(np.asarray(u)[30, 20:30, 0], -0.1) and np.allclose(np.asarray(u)[30, 78:82, 0], -0.1)
+    whole, _ = opt.update(jnp.asarray(g), opt.init(params), params)  # one region: photo-wide scale
+    assert np.allclose(np.asarray(whole)[30, 20:30, 0], -0.1 * (10 * 4 + 10) / (100 * 4 + 10))
 
 
 def test_budget_is_enforced_and_luma_only_keeps_colour(photo):

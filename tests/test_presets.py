@@ -69,11 +69,12 @@ def test_matches_reads_flags_missing_from_old_rows_as_off():
 
 
 def test_a_row_with_an_extra_option_on_is_not_the_preset(rows):
-    low = next(r for r in rows if r["setting"] == "eps8-shaped-jit")
+    low = next(r for r in rows if r["setting"] == "eps10-shaped-jit-lp448-scaled-x2")
     assert matches(LEVELS["low"], low["config"]) and low["preset"] == "low"
     balanced = {**low["config"], "balance": True}
     assert not matches(LEVELS["low"], balanced)
     assert not matches(LEVELS["low"], {**low["config"], "jitter": 0.10})
+    assert not matches(LEVELS["low"], {**low["config"], "step_rule": "sign"})
     assert matches(LEVELS["low"], {**low["config"], "models": list(low["config"]["models"]), "seed": 7})
 
 

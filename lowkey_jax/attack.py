@@ -750,7 +750,7 @@ def scale_by_weighted_magnitude(regions: int = 1) -> optax.GradientTransformatio
     no gradient do not dilute it) and clipped to [-1, 1]: pixels at or above ``s`` take a
     full step, weaker ones a proportionally smaller one (``Config.step_rule="scaled"``).
 
-    ``update(..., regions=r)`` takes an int ``[H, W]`` map of pixels to ``regions`` regions
+    ``update(..., regions_map=r)`` takes an int ``[H, W]`` map of pixels to ``regions`` regions
     (``objective.face_regions``: each face its own scale, so a small face, whose pixels each
     carry a large gradient, does not shrink a large face's steps); without it, one region.
     """

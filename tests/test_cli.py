@@ -124,6 +124,7 @@ class FakeConfig:
     momentum: float = 0.0
     jitter: float = 0.0
     lpips_face_side: int = 112
+    step_rule: str = "sign"
 
 
 @dataclasses.dataclass
